@@ -1,0 +1,714 @@
+//! cache: exact LRU (by reads) plus a global TTL over a sharded map.
+//!
+//! Owns the key/value store, its recency order, its insertion order and the
+//! sweeper that reclaims expired entries. Knows nothing of Redis, HTTP,
+//! coroutines or metrics: the read-through core (`proxy`) decides what to
+//! load and counts hits and misses; this module only counts what it evicts.
+//!
+//! # Design
+//! Values live in a [`DashMap`], so a hit takes one shard read lock and never
+//! the global lock. The recency order (a doubly linked list of slab nodes) and
+//! the insertion order (a second list through the same nodes) sit behind one
+//! `Mutex<Order>`. A hit records `(node, generation)` into a bounded lossy
+//! channel (`try_send`, dropped when full) and drains it itself under
+//! `try_lock` once it is a quarter full, as Caffeine and moka do. Every
+//! insert drains the channel under the lock before it decides what to evict,
+//! so requests that do not overlap in time see exact LRU. Under overload
+//! (more than [`READ_BUFFER`] hits between two drains) some reads are dropped
+//! and the order becomes approximate; `dropped_reads` counts them.
+//!
+//! The TTL is global and counted from insertion, so entries expire in
+//! insertion order: the sweeper pops the head of the insertion list until it
+//! finds a live entry, O(expired) per sweep. Reads also check age lazily, so
+//! an entry is never served once `age >= ttl`, swept or not.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use crossbeam_channel::{Receiver, Sender, TrySendError};
+use dashmap::DashMap;
+
+/// Keys are shared between the map and the order list without copying.
+pub type Key = Arc<[u8]>;
+/// Values are reference counted: a hit clones a pointer, never the bytes.
+pub type Value = Arc<[u8]>;
+
+/// Capacity of the lossy read buffer (hits waiting to be applied to the order).
+pub const READ_BUFFER: usize = 1024;
+/// A hit drains the read buffer itself once it holds this many reads.
+const DRAIN_THRESHOLD: usize = READ_BUFFER / 4;
+/// Marks "no node" in the intrusive lists.
+const NIL: u32 = u32::MAX;
+
+/// Monotonic time source, injectable so TTL tests move time instead of sleeping.
+pub trait Clock: Send + Sync + 'static {
+    /// Nanoseconds since an arbitrary fixed origin; never decreases.
+    fn now(&self) -> u64;
+}
+
+/// The real clock: `Instant` relative to the moment it was created.
+#[derive(Debug)]
+pub struct SystemClock {
+    origin: Instant,
+}
+
+impl Default for SystemClock {
+    fn default() -> Self {
+        SystemClock {
+            origin: Instant::now(),
+        }
+    }
+}
+
+impl Clock for SystemClock {
+    fn now(&self) -> u64 {
+        self.origin.elapsed().as_nanos() as u64
+    }
+}
+
+/// A clock that moves only when told to; for tests and benchmarks.
+#[derive(Debug, Default)]
+pub struct MockClock {
+    nanos: AtomicU64,
+}
+
+impl MockClock {
+    /// Moves the clock forward by `by`.
+    pub fn advance(&self, by: Duration) {
+        self.nanos.fetch_add(by.as_nanos() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for MockClock {
+    fn now(&self) -> u64 {
+        self.nanos.load(Ordering::SeqCst)
+    }
+}
+
+/// What the cache has evicted so far; read by `metrics`.
+#[derive(Debug, Default)]
+pub struct CacheStats {
+    /// Entries evicted to make room (least recently read first).
+    pub evictions_lru: AtomicU64,
+    /// Entries removed because their age reached the TTL.
+    pub evictions_ttl: AtomicU64,
+    /// Reads not recorded in the recency order because the buffer was full.
+    pub dropped_reads: AtomicU64,
+}
+
+/// One map entry. `node`/`gen` name its slab node in `Order`, so a hit can
+/// record its read without touching the order lock.
+struct Slot {
+    value: Value,
+    born: u64,
+    node: u32,
+    gen: u32,
+}
+
+/// A read waiting to be applied to the recency order.
+#[derive(Clone, Copy)]
+struct Read {
+    node: u32,
+    gen: u32,
+}
+
+/// A slab node, linked into both the recency list and the insertion list.
+/// `key` is `None` while the node is on the free list.
+struct Node {
+    key: Option<Key>,
+    born: u64,
+    gen: u32,
+    lru_prev: u32,
+    lru_next: u32,
+    ttl_prev: u32,
+    ttl_next: u32,
+}
+
+/// Both orders over the cached keys. Guarded by one mutex because every
+/// change to the set of keys touches both lists and the map together.
+#[derive(Default)]
+struct Order {
+    nodes: Vec<Node>,
+    free: Vec<u32>,
+    /// Most recently read.
+    lru_head: u32,
+    /// Least recently read: the next LRU victim.
+    lru_tail: u32,
+    /// Oldest insertion: the next to expire.
+    ttl_head: u32,
+    /// Newest insertion.
+    ttl_tail: u32,
+}
+
+impl Order {
+    fn new() -> Self {
+        Order {
+            lru_head: NIL,
+            lru_tail: NIL,
+            ttl_head: NIL,
+            ttl_tail: NIL,
+            ..Default::default()
+        }
+    }
+
+    /// Takes a node for `key`, links it as most recently read and newest.
+    fn alloc(&mut self, key: Key, born: u64) -> (u32, u32) {
+        let idx = match self.free.pop() {
+            Some(idx) => idx,
+            None => {
+                self.nodes.push(Node {
+                    key: None,
+                    born: 0,
+                    gen: 0,
+                    lru_prev: NIL,
+                    lru_next: NIL,
+                    ttl_prev: NIL,
+                    ttl_next: NIL,
+                });
+                (self.nodes.len() - 1) as u32
+            }
+        };
+        let node = &mut self.nodes[idx as usize];
+        node.key = Some(key);
+        node.born = born;
+        let gen = node.gen;
+        self.lru_push_front(idx);
+        self.ttl_push_back(idx);
+        (idx, gen)
+    }
+
+    /// Unlinks a node from both lists and frees it; returns its key.
+    fn release(&mut self, idx: u32) -> Option<Key> {
+        self.lru_unlink(idx);
+        self.ttl_unlink(idx);
+        let node = &mut self.nodes[idx as usize];
+        // A new generation makes reads recorded for the old key stale.
+        node.gen = node.gen.wrapping_add(1);
+        self.free.push(idx);
+        node.key.take()
+    }
+
+    fn touch(&mut self, read: Read) {
+        let Some(node) = self.nodes.get(read.node as usize) else {
+            return;
+        };
+        if node.gen != read.gen || node.key.is_none() || self.lru_head == read.node {
+            return;
+        }
+        self.lru_unlink(read.node);
+        self.lru_push_front(read.node);
+    }
+
+    fn lru_push_front(&mut self, idx: u32) {
+        let old = self.lru_head;
+        {
+            let node = &mut self.nodes[idx as usize];
+            node.lru_prev = NIL;
+            node.lru_next = old;
+        }
+        if old == NIL {
+            self.lru_tail = idx;
+        } else {
+            self.nodes[old as usize].lru_prev = idx;
+        }
+        self.lru_head = idx;
+    }
+
+    fn lru_unlink(&mut self, idx: u32) {
+        let (prev, next) = {
+            let node = &self.nodes[idx as usize];
+            (node.lru_prev, node.lru_next)
+        };
+        if prev == NIL {
+            self.lru_head = next;
+        } else {
+            self.nodes[prev as usize].lru_next = next;
+        }
+        if next == NIL {
+            self.lru_tail = prev;
+        } else {
+            self.nodes[next as usize].lru_prev = prev;
+        }
+    }
+
+    fn ttl_push_back(&mut self, idx: u32) {
+        let old = self.ttl_tail;
+        {
+            let node = &mut self.nodes[idx as usize];
+            node.ttl_prev = old;
+            node.ttl_next = NIL;
+        }
+        if old == NIL {
+            self.ttl_head = idx;
+        } else {
+            self.nodes[old as usize].ttl_next = idx;
+        }
+        self.ttl_tail = idx;
+    }
+
+    fn ttl_unlink(&mut self, idx: u32) {
+        let (prev, next) = {
+            let node = &self.nodes[idx as usize];
+            (node.ttl_prev, node.ttl_next)
+        };
+        if prev == NIL {
+            self.ttl_head = next;
+        } else {
+            self.nodes[prev as usize].ttl_next = next;
+        }
+        if next == NIL {
+            self.ttl_tail = prev;
+        } else {
+            self.nodes[next as usize].ttl_prev = prev;
+        }
+    }
+}
+
+/// The shared cache: one per process, used by every worker.
+pub struct Cache {
+    map: DashMap<Key, Slot>,
+    /// Every change to the set of keys happens under this lock, so the map and
+    /// both lists always hold the same keys and `len() <= capacity` holds.
+    order: Mutex<Order>,
+    reads_tx: Sender<Read>,
+    reads_rx: Receiver<Read>,
+    capacity: usize,
+    ttl: u64,
+    clock: Arc<dyn Clock>,
+    stats: CacheStats,
+}
+
+impl Cache {
+    /// A cache of at most `capacity` keys whose entries live for `ttl`.
+    /// `capacity == 0` caches nothing.
+    pub fn new(capacity: usize, ttl: Duration, clock: Arc<dyn Clock>) -> Self {
+        let (reads_tx, reads_rx) = crossbeam_channel::bounded(READ_BUFFER);
+        Cache {
+            map: DashMap::new(),
+            order: Mutex::new(Order::new()),
+            reads_tx,
+            reads_rx,
+            capacity,
+            ttl: ttl.as_nanos().min(u64::MAX as u128) as u64,
+            clock,
+            stats: CacheStats::default(),
+        }
+    }
+
+    /// Maximum number of keys held.
+    pub fn capacity(&self) -> usize {
+        self.capacity
+    }
+
+    /// Number of keys held now, expired-but-unswept ones included.
+    pub fn len(&self) -> usize {
+        self.map.len()
+    }
+
+    /// True when no key is held.
+    pub fn is_empty(&self) -> bool {
+        self.map.is_empty()
+    }
+
+    /// Eviction counters.
+    pub fn stats(&self) -> &CacheStats {
+        &self.stats
+    }
+
+    /// The value for `key` if it is cached and younger than the TTL.
+    /// Records the read for the recency order; takes no global lock unless
+    /// the read buffer needs draining and the lock is free.
+    pub fn get(&self, key: &[u8]) -> Option<Value> {
+        let now = self.clock.now();
+        let (value, read) = {
+            let slot = self.map.get(key)?;
+            if now.saturating_sub(slot.born) >= self.ttl {
+                return None;
+            }
+            let read = Read {
+                node: slot.node,
+                gen: slot.gen,
+            };
+            (slot.value.clone(), read)
+        };
+        match self.reads_tx.try_send(read) {
+            Ok(()) => {}
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => {
+                self.stats.dropped_reads.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        if self.reads_tx.len() >= DRAIN_THRESHOLD {
+            if let Ok(mut order) = self.order.try_lock() {
+                self.drain_reads(&mut order);
+            }
+        }
+        Some(value)
+    }
+
+    /// Caches `value` under `key`, replacing any older entry. Expired entries
+    /// go first; then, while full, the least recently read key is evicted.
+    pub fn insert(&self, key: Key, value: Value) {
+        if self.capacity == 0 {
+            return;
+        }
+        let mut order = self.lock_order();
+        self.drain_reads(&mut order);
+        let now = self.clock.now();
+        if let Some((_, old)) = self.map.remove(&key) {
+            order.release(old.node);
+        }
+        self.expire(&mut order, now);
+        while self.map.len() >= self.capacity && order.lru_tail != NIL {
+            let victim = order.lru_tail;
+            if let Some(victim_key) = order.release(victim) {
+                self.map.remove(&victim_key);
+            }
+            self.stats.evictions_lru.fetch_add(1, Ordering::Relaxed);
+        }
+        let (node, gen) = order.alloc(key.clone(), now);
+        self.map.insert(
+            key,
+            Slot {
+                value,
+                born: now,
+                node,
+                gen,
+            },
+        );
+    }
+
+    /// Drops `key`; true if it was cached.
+    pub fn remove(&self, key: &[u8]) -> bool {
+        let mut order = self.lock_order();
+        match self.map.remove(key) {
+            Some((_, slot)) => {
+                order.release(slot.node);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Drops every key.
+    pub fn clear(&self) {
+        let mut order = self.lock_order();
+        self.map.clear();
+        *order = Order::new();
+        while self.reads_rx.try_recv().is_ok() {}
+    }
+
+    /// Removes every entry whose age has reached the TTL; returns how many.
+    /// Costs O(expired): entries expire in insertion order.
+    pub fn sweep(&self) -> usize {
+        let mut order = self.lock_order();
+        self.expire(&mut order, self.clock.now())
+    }
+
+    /// Starts a thread that calls [`Cache::sweep`] every `interval` until the
+    /// cache is dropped.
+    pub fn spawn_sweeper(self: &Arc<Self>, interval: Duration) -> thread::JoinHandle<()> {
+        let weak: Weak<Cache> = Arc::downgrade(self);
+        thread::Builder::new()
+            .name("cache-sweeper".into())
+            .spawn(move || loop {
+                thread::sleep(interval);
+                match weak.upgrade() {
+                    Some(cache) => {
+                        cache.sweep();
+                    }
+                    None => return,
+                }
+            })
+            .expect("spawn cache sweeper thread")
+    }
+
+    /// Keys from least to most recently read, after applying buffered reads.
+    /// For tests and diagnostics: O(n) under the lock.
+    pub fn keys_lru_first(&self) -> Vec<Key> {
+        let mut order = self.lock_order();
+        self.drain_reads(&mut order);
+        let mut keys = Vec::with_capacity(self.map.len());
+        let mut idx = order.lru_tail;
+        while idx != NIL {
+            let node = &order.nodes[idx as usize];
+            if let Some(key) = &node.key {
+                keys.push(key.clone());
+            }
+            idx = node.lru_prev;
+        }
+        keys
+    }
+
+    fn lock_order(&self) -> MutexGuard<'_, Order> {
+        // A panic under the lock cannot leave the lists half-linked in a way
+        // later calls would trust less than the map, so keep serving.
+        self.order.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn drain_reads(&self, order: &mut Order) {
+        // Bounded so a flood of concurrent hits cannot keep the lock holder here.
+        for _ in 0..READ_BUFFER {
+            match self.reads_rx.try_recv() {
+                Ok(read) => order.touch(read),
+                Err(_) => break,
+            }
+        }
+    }
+
+    fn expire(&self, order: &mut Order, now: u64) -> usize {
+        let mut removed = 0;
+        while order.ttl_head != NIL {
+            let idx = order.ttl_head;
+            if now.saturating_sub(order.nodes[idx as usize].born) < self.ttl {
+                break;
+            }
+            if let Some(key) = order.release(idx) {
+                self.map.remove(&key);
+            }
+            removed += 1;
+        }
+        self.stats
+            .evictions_ttl
+            .fetch_add(removed as u64, Ordering::Relaxed);
+        removed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(s: &str) -> Key {
+        Arc::from(s.as_bytes())
+    }
+
+    fn cache(capacity: usize, ttl_ms: u64) -> (Cache, Arc<MockClock>) {
+        let clock = Arc::new(MockClock::default());
+        let cache = Cache::new(capacity, Duration::from_millis(ttl_ms), clock.clone());
+        (cache, clock)
+    }
+
+    fn names(keys: Vec<Key>) -> Vec<String> {
+        keys.iter()
+            .map(|k| String::from_utf8(k.to_vec()).unwrap())
+            .collect()
+    }
+
+    /// A cached value is returned as inserted.
+    #[test]
+    fn get_returns_inserted_value() {
+        let (c, _) = cache(10, 1000);
+        c.insert(key("a"), key("1"));
+        assert_eq!(c.get(b"a").as_deref(), Some(&b"1"[..]));
+        assert_eq!(c.get(b"b"), None);
+    }
+
+    /// Inserting into a full cache evicts the least recently read key.
+    #[test]
+    fn evicts_least_recently_read() {
+        let (c, _) = cache(3, 1000);
+        for k in ["a", "b", "c"] {
+            c.insert(key(k), key(k));
+        }
+        assert!(c.get(b"a").is_some());
+        c.insert(key("d"), key("d"));
+        assert!(c.get(b"b").is_none(), "b was least recently read");
+        for k in ["a", "c", "d"] {
+            assert!(c.get(k.as_bytes()).is_some(), "{k} should stay");
+        }
+        assert_eq!(c.stats().evictions_lru.load(Ordering::Relaxed), 1);
+    }
+
+    /// The recency order follows reads exactly when calls do not overlap.
+    #[test]
+    fn order_is_exact_for_sequential_reads() {
+        let (c, _) = cache(100, 1000);
+        for k in ["a", "b", "c", "d"] {
+            c.insert(key(k), key(k));
+        }
+        // More reads than the drain threshold, to cross a self-drain.
+        for _ in 0..DRAIN_THRESHOLD {
+            c.get(b"b");
+        }
+        c.get(b"a");
+        c.get(b"d");
+        assert_eq!(names(c.keys_lru_first()), ["c", "b", "a", "d"]);
+    }
+
+    /// The cache never holds more keys than its capacity.
+    #[test]
+    fn never_exceeds_capacity() {
+        let (c, _) = cache(5, 1000);
+        for i in 0..100 {
+            c.insert(key(&i.to_string()), key("v"));
+            assert!(c.len() <= 5);
+        }
+        assert_eq!(c.len(), 5);
+        assert_eq!(c.keys_lru_first().len(), 5);
+    }
+
+    /// An entry is gone once its age equals the TTL, not a moment later.
+    #[test]
+    fn expires_when_age_reaches_ttl() {
+        let (c, clock) = cache(10, 100);
+        c.insert(key("a"), key("1"));
+        clock.advance(Duration::from_millis(99));
+        assert!(c.get(b"a").is_some());
+        clock.advance(Duration::from_millis(1));
+        assert!(c.get(b"a").is_none());
+    }
+
+    /// Reads do not extend the TTL: it counts from insertion.
+    #[test]
+    fn reads_do_not_refresh_ttl() {
+        let (c, clock) = cache(10, 100);
+        c.insert(key("a"), key("1"));
+        for _ in 0..9 {
+            clock.advance(Duration::from_millis(10));
+            assert!(c.get(b"a").is_some());
+        }
+        clock.advance(Duration::from_millis(10));
+        assert!(c.get(b"a").is_none());
+    }
+
+    /// Re-inserting an expired key makes it live again with a fresh TTL.
+    #[test]
+    fn reinsert_after_expiry() {
+        let (c, clock) = cache(10, 100);
+        c.insert(key("a"), key("old"));
+        clock.advance(Duration::from_millis(150));
+        assert!(c.get(b"a").is_none());
+        c.insert(key("a"), key("new"));
+        assert_eq!(c.get(b"a").as_deref(), Some(&b"new"[..]));
+        clock.advance(Duration::from_millis(99));
+        assert_eq!(c.get(b"a").as_deref(), Some(&b"new"[..]));
+        assert_eq!(c.len(), 1);
+    }
+
+    /// The sweeper removes exactly the expired entries, oldest first.
+    #[test]
+    fn sweep_removes_only_expired() {
+        let (c, clock) = cache(10, 100);
+        c.insert(key("a"), key("1"));
+        clock.advance(Duration::from_millis(50));
+        c.insert(key("b"), key("2"));
+        clock.advance(Duration::from_millis(50));
+        assert_eq!(c.sweep(), 1);
+        assert_eq!(c.len(), 1);
+        assert!(c.get(b"b").is_some());
+        clock.advance(Duration::from_millis(50));
+        assert_eq!(c.sweep(), 1);
+        assert!(c.is_empty());
+        assert_eq!(c.stats().evictions_ttl.load(Ordering::Relaxed), 2);
+    }
+
+    /// A full cache drops expired entries before evicting a live one.
+    #[test]
+    fn expired_entries_go_before_lru_victims() {
+        let (c, clock) = cache(2, 100);
+        c.insert(key("old"), key("1"));
+        clock.advance(Duration::from_millis(60));
+        c.insert(key("live"), key("2"));
+        clock.advance(Duration::from_millis(60));
+        c.get(b"live");
+        c.insert(key("new"), key("3"));
+        assert!(c.get(b"live").is_some());
+        assert!(c.get(b"new").is_some());
+        assert_eq!(c.stats().evictions_lru.load(Ordering::Relaxed), 0);
+    }
+
+    /// Capacity 0 caches nothing.
+    #[test]
+    fn zero_capacity_is_pass_through() {
+        let (c, _) = cache(0, 1000);
+        c.insert(key("a"), key("1"));
+        assert!(c.get(b"a").is_none());
+        assert!(c.is_empty());
+    }
+
+    /// Replacing a key keeps one entry and serves the new value.
+    #[test]
+    fn replace_keeps_one_entry() {
+        let (c, _) = cache(2, 1000);
+        c.insert(key("a"), key("1"));
+        c.insert(key("a"), key("2"));
+        assert_eq!(c.len(), 1);
+        assert_eq!(c.get(b"a").as_deref(), Some(&b"2"[..]));
+        assert_eq!(c.keys_lru_first().len(), 1);
+    }
+
+    /// remove and clear drop entries from the map and both orders.
+    #[test]
+    fn remove_and_clear() {
+        let (c, _) = cache(10, 1000);
+        c.insert(key("a"), key("1"));
+        c.insert(key("b"), key("2"));
+        assert!(c.remove(b"a"));
+        assert!(!c.remove(b"a"));
+        assert_eq!(names(c.keys_lru_first()), ["b"]);
+        c.clear();
+        assert!(c.is_empty());
+        assert!(c.keys_lru_first().is_empty());
+        c.insert(key("c"), key("3"));
+        assert_eq!(names(c.keys_lru_first()), ["c"]);
+    }
+
+    /// A read recorded before its key was evicted does not move the node's next owner.
+    #[test]
+    fn stale_reads_are_ignored() {
+        let (c, _) = cache(2, 1000);
+        c.insert(key("a"), key("1"));
+        c.insert(key("b"), key("2"));
+        c.get(b"a"); // buffered read of a's node
+        c.remove(b"a");
+        c.insert(key("c"), key("3")); // reuses a's node
+        c.insert(key("d"), key("4")); // must evict b (older than c)
+        assert!(c.get(b"b").is_none());
+        assert!(c.get(b"c").is_some());
+    }
+
+    /// Many threads doing random gets and inserts never push the cache past
+    /// its capacity, and nothing outlives its TTL.
+    #[test]
+    fn stress_capacity_and_ttl() {
+        let clock = Arc::new(MockClock::default());
+        let c = Arc::new(Cache::new(64, Duration::from_millis(50), clock.clone()));
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let c = c.clone();
+                let clock = clock.clone();
+                thread::spawn(move || {
+                    let mut x: u64 = 0x9E37_79B9_7F4A_7C15 ^ t;
+                    for i in 0..20_000u64 {
+                        x ^= x << 13;
+                        x ^= x >> 7;
+                        x ^= x << 17;
+                        let k = (x % 200).to_string();
+                        if x.is_multiple_of(10) {
+                            c.insert(key(&k), key(&k));
+                        } else if let Some(v) = c.get(k.as_bytes()) {
+                            assert_eq!(&*v, k.as_bytes());
+                        }
+                        if t == 0 && i % 100 == 0 {
+                            clock.advance(Duration::from_millis(1));
+                        }
+                        assert!(c.len() <= 64);
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert!(c.len() <= 64);
+        assert_eq!(c.keys_lru_first().len(), c.len());
+        clock.advance(Duration::from_millis(50));
+        for i in 0..200 {
+            assert!(c.get(i.to_string().as_bytes()).is_none());
+        }
+        c.sweep();
+        assert!(c.is_empty());
+    }
+}

@@ -1,0 +1,308 @@
+//! clients: the connected-client limit, the registry of live connections,
+//! and the reaper that closes idle or oversize ones.
+//!
+//! Owns admission (a may semaphore whose permit lives as long as the
+//! connection), the over-limit answer, and closing connections from outside
+//! their coroutine. Knows nothing of the cache or Redis, and parses nothing:
+//! front ends tell it when a request completes.
+//!
+//! may_minihttp has no idle timeout, no request size bound and no way for a
+//! service to close its connection. What a service does know is its socket's
+//! fd, and that it is dropped before that fd is closed. So each connection
+//! registers under its fd, and a reaper thread `shutdown(2)`s the ones that
+//! idle too long or buffer too much; the connection's loop then sees EOF and
+//! ends. The reaper shuts a socket down only while holding the registry shard
+//! lock over its entry, and a connection unregisters (under the same lock)
+//! before its fd is closed, so the reaper never touches a reused fd.
+
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Weak};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use dashmap::DashMap;
+use may::sync::Semphore;
+
+use crate::config::MAX_HEAD_BYTES;
+use crate::metrics::Metrics;
+
+/// How long a refused connection may linger after its error was written.
+const REJECTED_LINGER: Duration = Duration::from_secs(1);
+/// Longest pause between two reaper passes.
+const MAX_REAP_TICK: Duration = Duration::from_millis(100);
+
+/// One live connection as the reaper sees it.
+#[derive(Debug)]
+struct ConnState {
+    /// Milliseconds since `Clients::origin` at the last completed request.
+    last_active_ms: AtomicU64,
+    /// How long it may go without a complete request.
+    limit_ms: u64,
+    /// Requests completed so far.
+    requests: AtomicU64,
+    /// Bytes an incomplete request may buffer before the connection is cut.
+    max_pending_bytes: u64,
+    /// Reaper-owned: requests seen at the last pass, and the socket's
+    /// received-byte count then.
+    seen_requests: AtomicU64,
+    bytes_mark: AtomicU64,
+    closed: AtomicBool,
+}
+
+/// Admission and reaping for every client connection, HTTP and RESP.
+pub struct Clients {
+    permits: Semphore,
+    max: usize,
+    idle: Duration,
+    origin: Instant,
+    registry: DashMap<usize, Arc<ConnState>>,
+    /// Requests being processed now, for graceful shutdown.
+    in_flight: AtomicUsize,
+    metrics: Arc<Metrics>,
+}
+
+/// Held by a connection for its whole life; returns the permit on drop.
+pub struct Permit {
+    clients: Arc<Clients>,
+    fd: usize,
+    state: Arc<ConnState>,
+    counted: bool,
+}
+
+impl Clients {
+    /// A limit of `max` connections, each closed after `idle` without a request.
+    pub fn new(max: usize, idle: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+        Arc::new(Clients {
+            permits: Semphore::new(max),
+            max,
+            idle,
+            origin: Instant::now(),
+            registry: DashMap::new(),
+            in_flight: AtomicUsize::new(0),
+            metrics,
+        })
+    }
+
+    /// The configured limit.
+    pub fn max(&self) -> usize {
+        self.max
+    }
+
+    /// Connections holding a permit now.
+    pub fn connected(&self) -> usize {
+        self.max - self.permits.get_value().min(self.max)
+    }
+
+    /// Takes a permit for the connection on `fd`, or `None` at the limit.
+    /// Never waits: it runs in the accept loop.
+    pub fn admit(self: &Arc<Self>, fd: usize, max_pending_bytes: usize) -> Option<Permit> {
+        if !self.permits.try_wait() {
+            self.metrics
+                .clients_rejected
+                .fetch_add(1, Ordering::Relaxed);
+            return None;
+        }
+        self.metrics
+            .clients_connected
+            .fetch_add(1, Ordering::Relaxed);
+        let state = self.register(fd, self.idle, max_pending_bytes);
+        Some(Permit {
+            clients: self.clone(),
+            fd,
+            state,
+            counted: true,
+        })
+    }
+
+    /// Answers a connection refused at the limit: writes `reply` to it at
+    /// once, ends our sending side, and lets it linger briefly so the client
+    /// reads the reply instead of a reset. The returned guard keeps it
+    /// registered (for the reaper) until its connection ends.
+    pub fn reject(self: &Arc<Self>, fd: usize, reply: &[u8]) -> Permit {
+        sys::send_now(fd, reply);
+        sys::shutdown_write(fd);
+        let state = self.register(fd, REJECTED_LINGER, 64 * 1024);
+        Permit {
+            clients: self.clone(),
+            fd,
+            state,
+            counted: false,
+        }
+    }
+
+    fn register(&self, fd: usize, limit: Duration, max_pending_bytes: usize) -> Arc<ConnState> {
+        let state = Arc::new(ConnState {
+            last_active_ms: AtomicU64::new(self.now_ms()),
+            limit_ms: limit.as_millis() as u64,
+            requests: AtomicU64::new(0),
+            max_pending_bytes: max_pending_bytes as u64,
+            seen_requests: AtomicU64::new(0),
+            bytes_mark: AtomicU64::new(sys::bytes_received(fd).unwrap_or(0)),
+            closed: AtomicBool::new(false),
+        });
+        self.registry.insert(fd, state.clone());
+        state
+    }
+
+    fn now_ms(&self) -> u64 {
+        self.origin.elapsed().as_millis() as u64
+    }
+
+    /// Starts the reaper thread; it stops when the `Clients` is dropped.
+    pub fn spawn_reaper(self: &Arc<Self>) -> thread::JoinHandle<()> {
+        let tick = (self.idle / 4).clamp(Duration::from_millis(10), MAX_REAP_TICK);
+        let weak: Weak<Clients> = Arc::downgrade(self);
+        thread::Builder::new()
+            .name("client-reaper".into())
+            .spawn(move || loop {
+                thread::sleep(tick);
+                match weak.upgrade() {
+                    Some(clients) => clients.reap(tick),
+                    None => return,
+                }
+            })
+            .expect("spawn client reaper thread")
+    }
+
+    /// One reaper pass: closes connections idle past their limit, and those
+    /// whose unfinished request has buffered more than allowed.
+    fn reap(&self, tick: Duration) {
+        let now = self.now_ms();
+        let tick_ms = tick.as_millis() as u64;
+        for entry in self.registry.iter() {
+            let (fd, state) = (*entry.key(), entry.value());
+            if state.closed.load(Ordering::Relaxed) {
+                continue;
+            }
+            let idle_ms = now.saturating_sub(state.last_active_ms.load(Ordering::Relaxed));
+            let mut close = idle_ms >= state.limit_ms;
+            if !close && idle_ms >= tick_ms {
+                // No request completed during the last tick: is one growing?
+                let requests = state.requests.load(Ordering::Relaxed);
+                let received = sys::bytes_received(fd).unwrap_or(0);
+                if requests != state.seen_requests.swap(requests, Ordering::Relaxed) {
+                    state.bytes_mark.store(received, Ordering::Relaxed);
+                } else {
+                    let pending = received.saturating_sub(state.bytes_mark.load(Ordering::Relaxed));
+                    close = pending > state.max_pending_bytes;
+                }
+            }
+            if close {
+                // Still under the shard lock: the fd cannot have been reused.
+                state.closed.store(true, Ordering::Relaxed);
+                sys::shutdown_both(fd);
+                self.metrics.clients_reaped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Requests being processed now.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight.load(Ordering::SeqCst)
+    }
+
+    /// Closes every registered connection (shutdown).
+    pub fn close_all(&self) {
+        for entry in self.registry.iter() {
+            entry.value().closed.store(true, Ordering::Relaxed);
+            sys::shutdown_both(*entry.key());
+        }
+    }
+}
+
+impl Permit {
+    /// Records that a complete request arrived; the guard marks it in
+    /// flight until dropped.
+    pub fn begin(&self) -> InFlight<'_> {
+        self.state
+            .last_active_ms
+            .store(self.clients.now_ms(), Ordering::Relaxed);
+        self.state.requests.fetch_add(1, Ordering::Relaxed);
+        self.clients.in_flight.fetch_add(1, Ordering::SeqCst);
+        InFlight(&self.clients)
+    }
+
+    /// Closes this connection from the inside (both directions).
+    pub fn close(&self) {
+        self.state.closed.store(true, Ordering::Relaxed);
+        sys::shutdown_both(self.fd);
+    }
+
+    /// Whether this connection was refused at the limit.
+    pub fn is_rejected(&self) -> bool {
+        !self.counted
+    }
+}
+
+/// A request being processed; see [`Permit::begin`].
+pub struct InFlight<'a>(&'a Clients);
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Permit {
+    fn drop(&mut self) {
+        self.clients.registry.remove(&self.fd);
+        if self.counted {
+            self.clients
+                .metrics
+                .clients_connected
+                .fetch_sub(1, Ordering::Relaxed);
+            self.clients.permits.post();
+        }
+    }
+}
+
+/// The head bound HTTP connections are registered with.
+pub const HTTP_MAX_PENDING: usize = MAX_HEAD_BYTES;
+
+/// Thin wrappers over the socket calls the reaper needs.
+mod sys {
+    /// Writes `bytes` without blocking or raising SIGPIPE; best effort.
+    pub fn send_now(fd: usize, bytes: &[u8]) {
+        // SAFETY: fd is a live socket owned by the caller's connection, and
+        // the pointer and length come from a valid slice.
+        unsafe {
+            libc::send(
+                fd as libc::c_int,
+                bytes.as_ptr().cast(),
+                bytes.len(),
+                libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT,
+            );
+        }
+    }
+
+    pub fn shutdown_write(fd: usize) {
+        // SAFETY: shutdown on a live socket fd; errors are ignored on purpose.
+        unsafe {
+            libc::shutdown(fd as libc::c_int, libc::SHUT_WR);
+        }
+    }
+
+    pub fn shutdown_both(fd: usize) {
+        // SAFETY: as above; the caller guarantees the fd is still this connection's.
+        unsafe {
+            libc::shutdown(fd as libc::c_int, libc::SHUT_RDWR);
+        }
+    }
+
+    /// Total bytes the kernel has received on this TCP socket.
+    pub fn bytes_received(fd: usize) -> Option<u64> {
+        // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
+        unsafe {
+            let mut info: libc::tcp_info = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::tcp_info>() as libc::socklen_t;
+            let rc = libc::getsockopt(
+                fd as libc::c_int,
+                libc::IPPROTO_TCP,
+                libc::TCP_INFO,
+                (&mut info as *mut libc::tcp_info).cast(),
+                &mut len,
+            );
+            (rc == 0).then_some(info.tcpi_bytes_received)
+        }
+    }
+}

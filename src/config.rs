@@ -1,0 +1,445 @@
+//! config: every setting, its flag, its environment variable, its default and
+//! its accepted range. Owns parsing and validation; never opens a socket.
+//!
+//! Flags win over environment variables; an environment variable set to the
+//! empty string counts as unset. A bad value is reported in one line that
+//! names the setting and the accepted range (the binary exits 2).
+
+use std::fmt;
+use std::time::Duration;
+
+use clap::builder::BoolishValueParser;
+use clap::{Parser, ValueEnum};
+
+/// Default backing Redis.
+pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
+/// Default address both listeners bind.
+pub const DEFAULT_HOST: &str = "127.0.0.1";
+/// Default HTTP port.
+pub const DEFAULT_PORT: u16 = 8080;
+/// Default global expiry, in milliseconds.
+pub const DEFAULT_CACHE_TTL_MS: u64 = 60_000;
+/// Default maximum number of cached keys.
+pub const DEFAULT_CACHE_CAPACITY: usize = 10_000;
+/// Default maximum of connected clients, HTTP and RESP together.
+pub const DEFAULT_MAX_CLIENTS: usize = 1024;
+/// Default bound on one Redis round trip, in milliseconds.
+pub const DEFAULT_REDIS_TIMEOUT_MS: u64 = 1000;
+/// Default idle time after which a client connection is closed, in milliseconds.
+pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
+/// Default grace period for in-flight requests at shutdown, in milliseconds.
+pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5000;
+/// Default bound on one RESP request, in bytes.
+pub const DEFAULT_RESP_MAX_REQUEST_BYTES: usize = 64 << 20;
+
+/// Largest TTL accepted: 30 days.
+pub const MAX_CACHE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
+/// Largest capacity accepted (slab nodes are addressed by `u32`).
+pub const MAX_CACHE_CAPACITY: usize = 1 << 30;
+/// Largest client limit accepted.
+pub const MAX_CLIENTS: usize = 1_000_000;
+/// Largest worker count accepted.
+pub const MAX_WORKERS: usize = 1024;
+/// Largest timeout accepted for any `*_MS` duration: one hour.
+pub const MAX_TIMEOUT_MS: u64 = 3_600_000;
+/// Largest HTTP key, after percent-decoding.
+pub const MAX_KEY_BYTES: usize = 64 * 1024;
+/// Largest HTTP request head (request line and headers).
+pub const MAX_HEAD_BYTES: usize = 128 * 1024;
+
+/// Environment variables the binary reads; used to treat empty values as unset.
+pub const ENV_NAMES: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "RESP_PORT",
+    "CACHE_TTL_MS",
+    "CACHE_CAPACITY",
+    "PROXY_MAX_CLIENTS",
+    "PROXY_WORKERS",
+    "REDIS_TIMEOUT_MS",
+    "PROXY_IDLE_TIMEOUT_MS",
+    "CACHE_INVALIDATION",
+    "PROXY_ALLOW_WRITES",
+    "PROXY_SHUTDOWN_GRACE_MS",
+    "RESP_MAX_REQUEST_BYTES",
+];
+
+/// How the cache learns that Redis changed a key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Invalidation {
+    /// Entries live until their TTL; Redis writes are not seen before that.
+    Off,
+    /// Redis CLIENT TRACKING removes changed keys from the cache.
+    Tracking,
+}
+
+/// All settings of one proxy process.
+#[derive(Debug, Clone, Parser)]
+#[command(
+    name = "redis-proxy",
+    version,
+    about = "Caching HTTP (and RESP) proxy in front of one Redis",
+    after_help = "Every flag also reads the environment variable shown; flags win. \
+                  An empty environment variable counts as unset. When REDIS_URL is unset, \
+                  REDIS_HOST, REDIS_PORT and REDIS_DB are used if set."
+)]
+pub struct Config {
+    /// Backing Redis, redis://[user:pass@]host:port/db [default: redis://127.0.0.1:6379/0]
+    #[arg(long, env = "REDIS_URL", value_name = "URL")]
+    pub redis_url: Option<String>,
+
+    /// Address both listeners bind.
+    #[arg(long = "host", env = "PROXY_HOST", default_value = DEFAULT_HOST)]
+    pub host: String,
+
+    /// HTTP port.
+    #[arg(long = "port", env = "PROXY_PORT", default_value_t = DEFAULT_PORT,
+          value_parser = ranged::<u16>("PROXY_PORT", 1, 65535))]
+    pub port: u16,
+
+    /// Redis-protocol port; unset = RESP front end off.
+    #[arg(long, env = "RESP_PORT", value_parser = ranged::<u16>("RESP_PORT", 1, 65535))]
+    pub resp_port: Option<u16>,
+
+    /// Global expiry in milliseconds, counted from insertion.
+    #[arg(long, env = "CACHE_TTL_MS", default_value_t = DEFAULT_CACHE_TTL_MS,
+          value_parser = ranged::<u64>("CACHE_TTL_MS", 1, MAX_CACHE_TTL_MS))]
+    pub cache_ttl_ms: u64,
+
+    /// Maximum number of cached keys; 0 = no caching.
+    #[arg(long, env = "CACHE_CAPACITY", default_value_t = DEFAULT_CACHE_CAPACITY,
+          value_parser = ranged::<usize>("CACHE_CAPACITY", 0, MAX_CACHE_CAPACITY))]
+    pub cache_capacity: usize,
+
+    /// Maximum connected clients, HTTP and RESP together.
+    #[arg(long, env = "PROXY_MAX_CLIENTS", default_value_t = DEFAULT_MAX_CLIENTS,
+          value_parser = ranged::<usize>("PROXY_MAX_CLIENTS", 1, MAX_CLIENTS))]
+    pub max_clients: usize,
+
+    /// Worker threads (requests processed in parallel) [default: number of CPUs]
+    #[arg(long, env = "PROXY_WORKERS",
+          value_parser = ranged::<usize>("PROXY_WORKERS", 1, MAX_WORKERS))]
+    pub workers: Option<usize>,
+
+    /// Bound on one Redis round trip (and on connecting), in milliseconds.
+    #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = DEFAULT_REDIS_TIMEOUT_MS,
+          value_parser = ranged::<u64>("REDIS_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
+    pub redis_timeout_ms: u64,
+
+    /// A client connection without a complete request for this long is closed, in milliseconds.
+    #[arg(long, env = "PROXY_IDLE_TIMEOUT_MS", default_value_t = DEFAULT_IDLE_TIMEOUT_MS,
+          value_parser = ranged::<u64>("PROXY_IDLE_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
+    pub idle_timeout_ms: u64,
+
+    /// Cache invalidation: off, or tracking (Redis CLIENT TRACKING).
+    #[arg(
+        long,
+        env = "CACHE_INVALIDATION",
+        value_enum,
+        default_value = "off",
+        ignore_case = true
+    )]
+    pub cache_invalidation: Invalidation,
+
+    /// Allow PUT/DELETE over HTTP and SET/DEL over RESP.
+    #[arg(long, env = "PROXY_ALLOW_WRITES", action = clap::ArgAction::SetTrue,
+          value_parser = BoolishValueParser::new())]
+    pub allow_writes: bool,
+
+    /// Grace period for in-flight requests on SIGINT/SIGTERM, in milliseconds.
+    #[arg(long, env = "PROXY_SHUTDOWN_GRACE_MS", default_value_t = DEFAULT_SHUTDOWN_GRACE_MS,
+          value_parser = ranged::<u64>("PROXY_SHUTDOWN_GRACE_MS", 0, MAX_TIMEOUT_MS))]
+    pub shutdown_grace_ms: u64,
+
+    /// Largest RESP request accepted, in bytes.
+    #[arg(long, env = "RESP_MAX_REQUEST_BYTES", default_value_t = DEFAULT_RESP_MAX_REQUEST_BYTES,
+          value_parser = ranged::<usize>("RESP_MAX_REQUEST_BYTES", 1024, 1 << 30))]
+    pub resp_max_request_bytes: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            redis_url: None,
+            host: DEFAULT_HOST.to_string(),
+            port: DEFAULT_PORT,
+            resp_port: None,
+            cache_ttl_ms: DEFAULT_CACHE_TTL_MS,
+            cache_capacity: DEFAULT_CACHE_CAPACITY,
+            max_clients: DEFAULT_MAX_CLIENTS,
+            workers: None,
+            redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
+            idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
+            cache_invalidation: Invalidation::Off,
+            allow_writes: false,
+            shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
+            resp_max_request_bytes: DEFAULT_RESP_MAX_REQUEST_BYTES,
+        }
+    }
+}
+
+/// A setting that cannot be used; `Display` is the one line the binary prints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub String);
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where the backing Redis is and how to log in, parsed from the URL.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisTarget {
+    pub host: String,
+    pub port: u16,
+    pub db: i64,
+    pub username: Option<String>,
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for RedisTarget {
+    // The password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{self}")
+    }
+}
+
+impl fmt::Display for RedisTarget {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "redis://")?;
+        match (&self.username, &self.password) {
+            (Some(u), Some(_)) => write!(f, "{u}:***@")?,
+            (None, Some(_)) => write!(f, ":***@")?,
+            (Some(u), None) => write!(f, "{u}@")?,
+            (None, None) => {}
+        }
+        write!(f, "{}:{}/{}", self.host, self.port, self.db)
+    }
+}
+
+impl Config {
+    /// Parses flags and environment; on a bad value returns the one-line
+    /// error, or the help/version text as `Err` with `exit code 0` semantics
+    /// left to the caller (see `main`).
+    pub fn from_args<I, T>(args: I) -> Result<Config, clap::Error>
+    where
+        I: IntoIterator<Item = T>,
+        T: Into<std::ffi::OsString> + Clone,
+    {
+        Config::try_parse_from(args)
+    }
+
+    /// The effective number of worker threads.
+    pub fn workers(&self) -> usize {
+        self.workers.unwrap_or_else(num_cpus::get).max(1)
+    }
+
+    /// TTL as a duration.
+    pub fn cache_ttl(&self) -> Duration {
+        Duration::from_millis(self.cache_ttl_ms)
+    }
+
+    /// Redis round-trip bound as a duration.
+    pub fn redis_timeout(&self) -> Duration {
+        Duration::from_millis(self.redis_timeout_ms)
+    }
+
+    /// Idle timeout as a duration.
+    pub fn idle_timeout(&self) -> Duration {
+        Duration::from_millis(self.idle_timeout_ms)
+    }
+
+    /// Shutdown grace period as a duration.
+    pub fn shutdown_grace(&self) -> Duration {
+        Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// Checks what flag parsing cannot: the Redis URL and port clashes.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        self.redis_target()?;
+        if self.resp_port == Some(self.port) {
+            return Err(ConfigError(format!(
+                "RESP_PORT (--resp-port) must differ from PROXY_PORT (--port), both are {}",
+                self.port
+            )));
+        }
+        if self.host.trim().is_empty() {
+            return Err(ConfigError(
+                "PROXY_HOST (--host) must be an address to bind, e.g. 127.0.0.1".into(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The backing Redis: `REDIS_URL`, else `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`,
+    /// else the default.
+    pub fn redis_target(&self) -> Result<RedisTarget, ConfigError> {
+        match &self.redis_url {
+            Some(url) => parse_redis_url(url),
+            None => legacy_target(|name| std::env::var(name).ok().filter(|v| !v.is_empty())),
+        }
+    }
+}
+
+/// Builds the target from the older `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB` names.
+fn legacy_target(var: impl Fn(&str) -> Option<String>) -> Result<RedisTarget, ConfigError> {
+    let mut target = parse_redis_url(DEFAULT_REDIS_URL)?;
+    if let Some(host) = var("REDIS_HOST") {
+        target.host = host;
+    }
+    if let Some(port) = var("REDIS_PORT") {
+        target.port = ranged::<u16>("REDIS_PORT", 1, 65535)(&port).map_err(ConfigError)?;
+    }
+    if let Some(db) = var("REDIS_DB") {
+        target.db = ranged::<i64>("REDIS_DB", 0, 1 << 20)(&db).map_err(ConfigError)?;
+    }
+    Ok(target)
+}
+
+fn parse_redis_url(url: &str) -> Result<RedisTarget, ConfigError> {
+    use redis::{ConnectionAddr, IntoConnectionInfo};
+    let bad = |why: &str| {
+        ConfigError(format!(
+            "REDIS_URL (--redis-url) must look like redis://[user:pass@]host:port/db: {why}"
+        ))
+    };
+    if !url.starts_with("redis://") {
+        return Err(bad("only the redis:// scheme is supported"));
+    }
+    let info = url
+        .into_connection_info()
+        .map_err(|e| bad(&e.to_string()))?;
+    let (host, port) = match info.addr() {
+        ConnectionAddr::Tcp(host, port) => (host.clone(), *port),
+        _ => return Err(bad("only plain TCP is supported")),
+    };
+    let settings = info.redis_settings();
+    if settings.db() < 0 {
+        return Err(bad("the database number must be >= 0"));
+    }
+    Ok(RedisTarget {
+        host,
+        port,
+        db: settings.db(),
+        username: settings.username().map(str::to_string),
+        password: settings.password().map(str::to_string),
+    })
+}
+
+/// A clap value parser for an integer in `min..=max` whose error names the
+/// environment variable and the range.
+fn ranged<T>(
+    name: &'static str,
+    min: T,
+    max: T,
+) -> impl Fn(&str) -> Result<T, String> + Clone + Send + Sync + 'static
+where
+    T: std::str::FromStr + PartialOrd + Copy + fmt::Display + Send + Sync + 'static,
+{
+    move |s: &str| match s.trim().parse::<T>() {
+        Ok(v) if v >= min && v <= max => Ok(v),
+        _ => Err(format!("{name} must be an integer in {min}..={max}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        Config::from_args(std::iter::once("redis-proxy").chain(args.iter().copied()))
+    }
+
+    /// Defaults match the contract table.
+    #[test]
+    fn defaults() {
+        let c = Config::default();
+        assert_eq!(c.port, 8080);
+        assert_eq!(c.cache_ttl_ms, 60_000);
+        assert_eq!(c.cache_capacity, 10_000);
+        assert_eq!(c.max_clients, 1024);
+        assert_eq!(c.redis_timeout_ms, 1000);
+        assert!(!c.allow_writes);
+        assert_eq!(c.cache_invalidation, Invalidation::Off);
+        let t = parse_redis_url(DEFAULT_REDIS_URL).unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6379, 0));
+    }
+
+    /// Flags parse into typed fields.
+    #[test]
+    fn flags_parse() {
+        let c = parse(&[
+            "--port",
+            "9000",
+            "--cache-ttl-ms",
+            "5",
+            "--cache-capacity",
+            "0",
+            "--allow-writes",
+            "--cache-invalidation",
+            "tracking",
+        ])
+        .unwrap();
+        assert_eq!(c.port, 9000);
+        assert_eq!(c.cache_ttl_ms, 5);
+        assert_eq!(c.cache_capacity, 0);
+        assert!(c.allow_writes);
+        assert_eq!(c.cache_invalidation, Invalidation::Tracking);
+    }
+
+    /// A value out of range fails with a message naming the setting and range.
+    #[test]
+    fn out_of_range_names_setting() {
+        let err = parse(&["--cache-ttl-ms", "0"]).unwrap_err().to_string();
+        assert!(
+            err.contains("CACHE_TTL_MS must be an integer in 1..="),
+            "{err}"
+        );
+        let err = parse(&["--max-clients", "x"]).unwrap_err().to_string();
+        assert!(err.contains("PROXY_MAX_CLIENTS"), "{err}");
+    }
+
+    /// URLs carry host, port, db and credentials; the password is redacted in Display.
+    #[test]
+    fn redis_url_parts() {
+        let t = parse_redis_url("redis://user:secret@example:6390/3").unwrap();
+        assert_eq!(t.host, "example");
+        assert_eq!(t.port, 6390);
+        assert_eq!(t.db, 3);
+        assert_eq!(t.username.as_deref(), Some("user"));
+        assert_eq!(t.password.as_deref(), Some("secret"));
+        assert!(!t.to_string().contains("secret"));
+        assert!(!format!("{t:?}").contains("secret"));
+        assert!(parse_redis_url("http://x").is_err());
+        assert!(parse_redis_url("redis://h:1/x").is_err());
+    }
+
+    /// The older REDIS_HOST/PORT/DB names build the target when REDIS_URL is unset.
+    #[test]
+    fn legacy_names() {
+        let t = legacy_target(|n| match n {
+            "REDIS_HOST" => Some("db.local".into()),
+            "REDIS_PORT" => Some("7000".into()),
+            "REDIS_DB" => Some("2".into()),
+            _ => None,
+        })
+        .unwrap();
+        assert_eq!((t.host.as_str(), t.port, t.db), ("db.local", 7000, 2));
+        let err = legacy_target(|n| (n == "REDIS_PORT").then(|| "99999".into())).unwrap_err();
+        assert!(err.0.contains("REDIS_PORT"));
+    }
+
+    /// The RESP and HTTP ports must differ.
+    #[test]
+    fn port_clash_rejected() {
+        let c = parse(&["--port", "7000", "--resp-port", "7000"]).unwrap();
+        assert!(c.validate().unwrap_err().0.contains("RESP_PORT"));
+    }
+}

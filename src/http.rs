@@ -1,0 +1,427 @@
+//! http: the HTTP front end on may_minihttp.
+//!
+//! Owns request parsing beyond may_minihttp (method, key decoding, format
+//! negotiation, the head-size bound), the operations endpoints under `/-/`,
+//! and the one place where results and errors become status codes and
+//! bodies. Reads go through the shared core (`proxy`); this module never
+//! touches the cache or Redis directly.
+
+use std::io;
+use std::sync::Arc;
+use std::time::Instant;
+
+use base64::Engine;
+use may_minihttp::{HttpService, HttpServiceFactory, Request, Response};
+use serde_json::{Map, Value as Json};
+
+use crate::backend::BackendError;
+use crate::clients::{Clients, Permit, HTTP_MAX_PENDING};
+use crate::config::{MAX_HEAD_BYTES, MAX_KEY_BYTES};
+use crate::metrics::Frontend;
+use crate::proxy::{Proxy, Source};
+
+/// Sent, whole, to a connection over the client limit; then it is closed.
+pub const BUSY_RESPONSE: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\n\
+Content-Type: application/json\r\nRetry-After: 1\r\nConnection: close\r\n\
+Content-Length: 31\r\n\r\n{\"error\":\"max clients reached\"}";
+
+/// Why a request path does not name a key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum KeyError {
+    Empty,
+    BadEncoding,
+    TooLong,
+}
+
+impl KeyError {
+    fn message(&self) -> &'static str {
+        match self {
+            KeyError::Empty => "empty key: use GET /<key>",
+            KeyError::BadEncoding => "bad percent-encoding in key",
+            KeyError::TooLong => "key too long: at most 65536 bytes after decoding",
+        }
+    }
+}
+
+/// A decoded request target: the key and whether `?format=json` was asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Target {
+    pub key: Vec<u8>,
+    pub json: bool,
+}
+
+/// Splits a raw path (`/a%20b?format=json`) into the decoded key and the
+/// JSON flag. The key is everything after the leading `/` up to `?`.
+pub fn parse_target(raw: &[u8]) -> Result<Target, KeyError> {
+    let (path, query) = match raw.iter().position(|b| *b == b'?') {
+        Some(i) => (&raw[..i], Some(&raw[i + 1..])),
+        None => (raw, None),
+    };
+    let encoded = path.strip_prefix(b"/").unwrap_or(path);
+    if encoded.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    let key = percent_decode(encoded)?;
+    if key.is_empty() {
+        return Err(KeyError::Empty);
+    }
+    if key.len() > MAX_KEY_BYTES {
+        return Err(KeyError::TooLong);
+    }
+    let json = query.is_some_and(|q| q.split(|b| *b == b'&').any(|p| p == b"format=json"));
+    Ok(Target { key, json })
+}
+
+/// Decodes `%XX` escapes; any other byte stands for itself.
+pub fn percent_decode(input: &[u8]) -> Result<Vec<u8>, KeyError> {
+    fn hex(b: u8) -> Option<u8> {
+        match b {
+            b'0'..=b'9' => Some(b - b'0'),
+            b'a'..=b'f' => Some(b - b'a' + 10),
+            b'A'..=b'F' => Some(b - b'A' + 10),
+            _ => None,
+        }
+    }
+    // Decoding only shrinks: bail out early on absurd input.
+    if input.len() > 3 * MAX_KEY_BYTES {
+        return Err(KeyError::TooLong);
+    }
+    let mut out = Vec::with_capacity(input.len());
+    let mut i = 0;
+    while i < input.len() {
+        if input[i] == b'%' {
+            let hi = input.get(i + 1).copied().and_then(hex);
+            let lo = input.get(i + 2).copied().and_then(hex);
+            match (hi, lo) {
+                (Some(hi), Some(lo)) => out.push(hi << 4 | lo),
+                _ => return Err(KeyError::BadEncoding),
+            }
+            i += 3;
+        } else {
+            out.push(input[i]);
+            i += 1;
+        }
+    }
+    Ok(out)
+}
+
+/// Adds `"key"` (UTF-8) or `"key_base64"` to a JSON object.
+fn put_bytes(obj: &mut Map<String, Json>, name: &str, bytes: &[u8]) {
+    match std::str::from_utf8(bytes) {
+        Ok(s) => {
+            obj.insert(name.to_string(), Json::String(s.to_string()));
+        }
+        Err(_) => {
+            let b64 = base64::engine::general_purpose::STANDARD.encode(bytes);
+            obj.insert(format!("{name}_base64"), Json::String(b64));
+        }
+    }
+}
+
+/// The JSON body `{"error": msg, "key": ...}`.
+pub fn error_body(msg: &str, key: Option<&[u8]>) -> Vec<u8> {
+    let mut obj = Map::new();
+    obj.insert("error".into(), Json::String(msg.to_string()));
+    if let Some(key) = key {
+        put_bytes(&mut obj, "key", key);
+    }
+    serde_json::to_vec(&Json::Object(obj)).unwrap_or_default()
+}
+
+/// The JSON body `{"key": ..., "value": ...}`.
+pub fn value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
+    let mut obj = Map::new();
+    put_bytes(&mut obj, "key", key);
+    put_bytes(&mut obj, "value", value);
+    serde_json::to_vec(&Json::Object(obj)).unwrap_or_default()
+}
+
+/// Creates one [`HttpConn`] per accepted connection.
+pub struct HttpFactory {
+    pub proxy: Arc<Proxy>,
+    pub clients: Arc<Clients>,
+}
+
+impl HttpServiceFactory for HttpFactory {
+    type Service = HttpConn;
+
+    // Runs inside the accept loop: no waiting here.
+    fn new_service(&self, fd: usize) -> HttpConn {
+        let permit = match self.clients.admit(fd, HTTP_MAX_PENDING) {
+            Some(permit) => permit,
+            None => self.clients.reject(fd, BUSY_RESPONSE),
+        };
+        HttpConn {
+            proxy: self.proxy.clone(),
+            permit,
+            fd,
+        }
+    }
+}
+
+/// One client connection. Dropping it (when the connection ends) returns
+/// the client permit.
+pub struct HttpConn {
+    proxy: Arc<Proxy>,
+    permit: Permit,
+    fd: usize,
+}
+
+/// Status line pieces for the codes this front end uses.
+fn reason(code: usize) -> &'static str {
+    match code {
+        200 => "OK",
+        204 => "No Content",
+        400 => "Bad Request",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        431 => "Request Header Fields Too Large",
+        502 => "Bad Gateway",
+        503 => "Service Unavailable",
+        504 => "Gateway Timeout",
+        _ => "Internal Server Error",
+    }
+}
+
+fn status_label(code: usize) -> &'static str {
+    match code {
+        200 => "200",
+        204 => "204",
+        400 => "400",
+        404 => "404",
+        405 => "405",
+        431 => "431",
+        502 => "502",
+        503 => "503",
+        504 => "504",
+        _ => "500",
+    }
+}
+
+/// What a request is answered with, before encoding.
+struct Reply {
+    code: usize,
+    headers: &'static [&'static str],
+    body: Vec<u8>,
+    /// For a hit/miss with the raw value: the value, written without a copy
+    /// into a temporary Vec.
+    raw: Option<crate::cache::Value>,
+}
+
+const JSON: &[&str] = &["Content-Type: application/json"];
+
+impl Reply {
+    fn json(code: usize, body: Vec<u8>) -> Self {
+        Reply {
+            code,
+            headers: JSON,
+            body,
+            raw: None,
+        }
+    }
+
+    fn error(code: usize, msg: &str, key: Option<&[u8]>) -> Self {
+        Reply::json(code, error_body(msg, key))
+    }
+}
+
+impl HttpConn {
+    fn route(&self, req: &Request) -> Reply {
+        let method = req.method();
+        let raw_path = req.path().as_bytes();
+        if head_bytes(req) > MAX_HEAD_BYTES {
+            return Reply::error(431, "request head too large: at most 131072 bytes", None);
+        }
+        if !(method == "GET" || method == "HEAD") {
+            return Reply {
+                code: 405,
+                headers: &["Content-Type: application/json", "Allow: GET, HEAD"],
+                body: error_body("method not allowed: use GET or HEAD", None),
+                raw: None,
+            };
+        }
+        if raw_path.starts_with(b"/-/") {
+            return self.operations(raw_path);
+        }
+        let target = match parse_target(raw_path) {
+            Ok(target) => target,
+            Err(e) => return Reply::error(400, e.message(), None),
+        };
+        let json = target.json || wants_json(req);
+        match self.proxy.get(&target.key, self.fd) {
+            Ok(lookup) => match lookup.value {
+                None => Reply::error(404, "key not found", Some(&target.key)),
+                Some(value) => {
+                    let hit = lookup.source == Source::Hit;
+                    if json {
+                        Reply {
+                            code: 200,
+                            headers: if hit {
+                                &["Content-Type: application/json", "X-Cache: HIT"]
+                            } else {
+                                &["Content-Type: application/json", "X-Cache: MISS"]
+                            },
+                            body: value_body(&target.key, &value),
+                            raw: None,
+                        }
+                    } else {
+                        Reply {
+                            code: 200,
+                            headers: if hit {
+                                &["Content-Type: application/octet-stream", "X-Cache: HIT"]
+                            } else {
+                                &["Content-Type: application/octet-stream", "X-Cache: MISS"]
+                            },
+                            body: Vec::new(),
+                            raw: Some(value),
+                        }
+                    }
+                }
+            },
+            Err(e) => backend_error(&e, &target.key),
+        }
+    }
+
+    fn operations(&self, raw_path: &[u8]) -> Reply {
+        let path = raw_path.split(|b| *b == b'?').next().unwrap_or(raw_path);
+        match path {
+            b"/-/healthy" => Reply::json(200, br#"{"status":"ok"}"#.to_vec()),
+            b"/-/ready" => {
+                if self.proxy.backend().ping(self.fd) {
+                    Reply::json(200, br#"{"status":"ready"}"#.to_vec())
+                } else {
+                    Reply::error(503, "redis unavailable", None)
+                }
+            }
+            b"/-/metrics" => Reply {
+                code: 200,
+                headers: &["Content-Type: text/plain; version=0.0.4; charset=utf-8"],
+                body: self.proxy.render_metrics().into_bytes(),
+                raw: None,
+            },
+            _ => Reply::error(404, "unknown endpoint", None),
+        }
+    }
+}
+
+/// The one mapping from backend errors to HTTP answers.
+fn backend_error(e: &BackendError, key: &[u8]) -> Reply {
+    match e {
+        BackendError::Unavailable(_) => Reply::error(503, "redis unavailable", Some(key)),
+        BackendError::Timeout => Reply::error(504, "redis timeout", Some(key)),
+        BackendError::Reply(msg) => Reply::error(502, msg, Some(key)),
+    }
+}
+
+fn wants_json(req: &Request) -> bool {
+    req.headers().iter().any(|h| {
+        h.name.eq_ignore_ascii_case("accept")
+            && h.value
+                .windows(b"application/json".len())
+                .any(|w| w.eq_ignore_ascii_case(b"application/json"))
+    })
+}
+
+/// Size of the request line and headers as sent (close enough: separators
+/// are counted at their usual width).
+fn head_bytes(req: &Request) -> usize {
+    let line = req.method().len() + req.path().len() + 12;
+    req.headers()
+        .iter()
+        .map(|h| h.name.len() + h.value.len() + 4)
+        .sum::<usize>()
+        + line
+}
+
+impl HttpService for HttpConn {
+    fn call(&mut self, req: Request, rsp: &mut Response) -> io::Result<()> {
+        let started = Instant::now();
+        if self.permit.is_rejected() {
+            // Already answered in full by `Clients::reject`; say it again for
+            // a client that pipelined before reading.
+            let reply = Reply::error(503, "max clients reached", None);
+            rsp.status_code(503, reason(503))
+                .header("Content-Type: application/json")
+                .header("Retry-After: 1");
+            rsp.body_vec(reply.body);
+            return Ok(());
+        }
+        let _in_flight = self.permit.begin();
+        let head = req.method() == "HEAD";
+        let reply = self.route(&req);
+        rsp.status_code(reply.code, reason(reply.code));
+        for h in reply.headers {
+            rsp.header(h);
+        }
+        // may_minihttp derives Content-Length from the body it sends, so a
+        // HEAD answer carries `Content-Length: 0` (see README, limits).
+        if !head {
+            match reply.raw {
+                Some(value) => rsp.body_mut().extend_from_slice(&value),
+                None => rsp.body_vec(reply.body),
+            }
+        }
+        self.proxy
+            .metrics()
+            .request(Frontend::Http, status_label(reply.code), started.elapsed());
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Percent-encoded slashes and spaces decode; raw slashes stay.
+    #[test]
+    fn decodes_keys() {
+        let t = parse_target(b"/a%20b%2Fc").unwrap();
+        assert_eq!(t.key, b"a b/c");
+        assert_eq!(parse_target(b"/a%20b/c").unwrap().key, b"a b/c");
+        assert_eq!(parse_target(b"/%00%ff").unwrap().key, vec![0u8, 0xff]);
+        assert!(!t.json);
+    }
+
+    /// The query string is not part of the key; format=json is recognised.
+    #[test]
+    fn query_is_split_off() {
+        let t = parse_target(b"/k?x=1&format=json").unwrap();
+        assert_eq!(t.key, b"k");
+        assert!(t.json);
+        assert!(!parse_target(b"/k?format=jsonx").unwrap().json);
+    }
+
+    /// Empty keys, bad escapes and oversize keys are rejected.
+    #[test]
+    fn rejects_bad_keys() {
+        assert_eq!(parse_target(b"/"), Err(KeyError::Empty));
+        assert_eq!(parse_target(b"/?format=json"), Err(KeyError::Empty));
+        assert_eq!(parse_target(b"/a%2"), Err(KeyError::BadEncoding));
+        assert_eq!(parse_target(b"/a%zz"), Err(KeyError::BadEncoding));
+        let long = format!("/{}", "k".repeat(MAX_KEY_BYTES + 1));
+        assert_eq!(parse_target(long.as_bytes()), Err(KeyError::TooLong));
+        let max = format!("/{}", "k".repeat(MAX_KEY_BYTES));
+        assert!(parse_target(max.as_bytes()).is_ok());
+    }
+
+    /// Non-UTF-8 keys and values are base64 in JSON bodies.
+    #[test]
+    fn json_bodies_are_binary_safe() {
+        let body: Json = serde_json::from_slice(&value_body(b"k", &[0xff, 0x00])).unwrap();
+        assert_eq!(body["key"], "k");
+        assert_eq!(body["value_base64"], "/wA=");
+        let body: Json =
+            serde_json::from_slice(&error_body("key not found", Some(&[0xfe]))).unwrap();
+        assert_eq!(body["error"], "key not found");
+        assert_eq!(body["key_base64"], "/g==");
+    }
+
+    /// The busy response's Content-Length matches its body.
+    #[test]
+    fn busy_response_is_well_formed() {
+        let text = std::str::from_utf8(BUSY_RESPONSE).unwrap();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap();
+        assert!(head.contains(&format!("Content-Length: {}", body.len())));
+        assert_eq!(body, r#"{"error":"max clients reached"}"#);
+    }
+}

@@ -1,0 +1,31 @@
+//! redis-proxy: a caching HTTP (and RESP) proxy in front of one Redis.
+//!
+//! Clients read keys over HTTP (`GET /<key>`); the proxy answers from a
+//! shared in-memory cache or reads Redis with one `GET`, caches the value and
+//! answers. Entries expire after a global TTL; at a fixed key capacity the
+//! least recently read key is evicted. Requests run on may's worker threads
+//! as stackful coroutines; every blocking call is coroutine-aware.
+//!
+//! # Layout
+//! - [`config`]: settings, flags, environment variables, validation.
+//! - [`cache`]: exact LRU (by reads) + global TTL over a sharded map; knows nothing of Redis or HTTP.
+//! - [`backend`]: per-worker pipelined Redis connections over may sockets; timeouts, reconnects.
+//! - [`proxy`]: the read-through core both front ends call: lookup, single-flight miss, insert.
+//! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.
+//! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
+//! - [`metrics`]: counters and the Prometheus exposition.
+//! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
+//!
+//! Layers point one way: front ends -> `proxy` -> `cache` and `backend`.
+
+pub mod backend;
+pub mod cache;
+pub mod clients;
+pub mod config;
+pub mod http;
+pub mod metrics;
+pub mod proxy;
+pub mod server;
+
+pub use config::Config;
+pub use server::{start, Server};

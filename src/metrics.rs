@@ -1,0 +1,303 @@
+//! metrics: the process's counters and their Prometheus text rendering.
+//!
+//! Owns request, client, hit/miss and tracking counters and the request
+//! latency histogram; reads (never changes) the cache's and the backend's own
+//! counters when rendering. All counters are relaxed atomics: a scrape may see
+//! one counter a request ahead of another, never a torn value.
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::Duration;
+
+use crate::backend::BackendStats;
+use crate::cache::CacheStats;
+
+/// Which front end served a request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Frontend {
+    Http = 0,
+    Resp = 1,
+}
+
+const FRONTENDS: [&str; 2] = ["http", "resp"];
+
+/// Status labels: HTTP codes, and `ok`/`error` for RESP replies.
+pub const STATUSES: [&str; 13] = [
+    "200", "204", "400", "404", "405", "431", "500", "502", "503", "504", "ok", "nil", "error",
+];
+
+/// Upper bounds of the latency histogram buckets, in seconds.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+];
+
+/// A fixed-bucket latency histogram.
+#[derive(Debug, Default)]
+struct Histogram {
+    counts: [AtomicU64; BUCKETS.len()],
+    count: AtomicU64,
+    sum_nanos: AtomicU64,
+}
+
+impl Histogram {
+    fn observe(&self, d: Duration) {
+        let secs = d.as_secs_f64();
+        if let Some(i) = BUCKETS.iter().position(|b| secs <= *b) {
+            self.counts[i].fetch_add(1, Ordering::Relaxed);
+        }
+        self.count.fetch_add(1, Ordering::Relaxed);
+        self.sum_nanos
+            .fetch_add(d.as_nanos() as u64, Ordering::Relaxed);
+    }
+}
+
+/// The proxy's own counters.
+#[derive(Debug, Default)]
+pub struct Metrics {
+    /// GETs answered from the cache.
+    pub hits: AtomicU64,
+    /// GETs not answered from the cache.
+    pub misses: AtomicU64,
+    /// Misses that waited for another request's Redis GET instead of sending their own.
+    pub coalesced: AtomicU64,
+    /// Client connections open now.
+    pub clients_connected: AtomicI64,
+    /// Client connections refused because of the limit.
+    pub clients_rejected: AtomicU64,
+    /// Connections closed for idling or for an oversize request.
+    pub clients_reaped: AtomicU64,
+    /// Invalidation messages received (tracking mode).
+    pub invalidations: AtomicU64,
+    /// Keys removed by invalidation messages.
+    pub invalidated_keys: AtomicU64,
+    /// Times the whole cache was emptied (tracking mode).
+    pub cache_flushes: AtomicU64,
+    /// Times the invalidation connection was re-established.
+    pub tracking_reconnects: AtomicU64,
+    requests: [[AtomicU64; STATUSES.len()]; 2],
+    latency: Histogram,
+}
+
+impl Metrics {
+    /// Counts one answered request and its latency.
+    pub fn request(&self, frontend: Frontend, status: &str, took: Duration) {
+        let i = STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .unwrap_or(STATUSES.len() - 1);
+        self.requests[frontend as usize][i].fetch_add(1, Ordering::Relaxed);
+        self.latency.observe(took);
+    }
+
+    /// Requests counted so far for one front end and status.
+    pub fn requests(&self, frontend: Frontend, status: &str) -> u64 {
+        STATUSES
+            .iter()
+            .position(|s| *s == status)
+            .map(|i| self.requests[frontend as usize][i].load(Ordering::Relaxed))
+            .unwrap_or(0)
+    }
+
+    /// The Prometheus text exposition of every counter.
+    pub fn render(&self, snapshot: &Snapshot<'_>) -> String {
+        let mut out = String::with_capacity(4096);
+        let c = |v: &AtomicU64| v.load(Ordering::Relaxed);
+        let mut counter = |name: &str, help: &str, kind: &str, rows: &[(&str, u64)]| {
+            let _ = writeln!(out, "# HELP redis_proxy_{name} {help}");
+            let _ = writeln!(out, "# TYPE redis_proxy_{name} {kind}");
+            for (labels, v) in rows {
+                let _ = writeln!(out, "redis_proxy_{name}{labels} {v}");
+            }
+        };
+        counter(
+            "cache_hits_total",
+            "GETs answered from the cache.",
+            "counter",
+            &[("", c(&self.hits))],
+        );
+        counter(
+            "cache_misses_total",
+            "GETs not answered from the cache.",
+            "counter",
+            &[("", c(&self.misses))],
+        );
+        counter(
+            "cache_coalesced_total",
+            "Misses that waited for a concurrent GET of the same key.",
+            "counter",
+            &[("", c(&self.coalesced))],
+        );
+        counter(
+            "cache_evictions_total",
+            "Entries evicted, by reason.",
+            "counter",
+            &[
+                ("{reason=\"lru\"}", c(&snapshot.cache.evictions_lru)),
+                ("{reason=\"ttl\"}", c(&snapshot.cache.evictions_ttl)),
+            ],
+        );
+        counter(
+            "cache_entries",
+            "Keys in the cache now.",
+            "gauge",
+            &[("", snapshot.cache_entries as u64)],
+        );
+        counter(
+            "redis_requests_total",
+            "Commands sent to Redis.",
+            "counter",
+            &[("", c(&snapshot.backend.requests))],
+        );
+        counter(
+            "redis_errors_total",
+            "Failed Redis requests, by kind.",
+            "counter",
+            &[
+                (
+                    "{kind=\"unavailable\"}",
+                    c(&snapshot.backend.errors_unavailable),
+                ),
+                ("{kind=\"timeout\"}", c(&snapshot.backend.errors_timeout)),
+                ("{kind=\"reply\"}", c(&snapshot.backend.errors_reply)),
+            ],
+        );
+        counter(
+            "redis_reconnects_total",
+            "Redis connections re-established.",
+            "counter",
+            &[("", c(&snapshot.backend.reconnects))],
+        );
+        counter(
+            "clients_connected",
+            "Client connections open now, HTTP and RESP.",
+            "gauge",
+            &[(
+                "",
+                self.clients_connected.load(Ordering::Relaxed).max(0) as u64,
+            )],
+        );
+        counter(
+            "clients_rejected_total",
+            "Client connections refused at the limit.",
+            "counter",
+            &[("", c(&self.clients_rejected))],
+        );
+        counter(
+            "clients_reaped_total",
+            "Client connections closed for idling or an oversize request.",
+            "counter",
+            &[("", c(&self.clients_reaped))],
+        );
+        let mut rows = Vec::new();
+        let labels: Vec<String> = FRONTENDS
+            .iter()
+            .flat_map(|f| {
+                STATUSES
+                    .iter()
+                    .map(move |s| format!("{{frontend=\"{f}\",status=\"{s}\"}}"))
+            })
+            .collect();
+        for (fi, _) in FRONTENDS.iter().enumerate() {
+            for (si, _) in STATUSES.iter().enumerate() {
+                let v = c(&self.requests[fi][si]);
+                if v > 0 {
+                    rows.push((labels[fi * STATUSES.len() + si].as_str(), v));
+                }
+            }
+        }
+        counter(
+            "requests_total",
+            "Requests answered, by front end and status.",
+            "counter",
+            &rows,
+        );
+        if snapshot.tracking {
+            counter(
+                "invalidations_total",
+                "Invalidation messages received from Redis.",
+                "counter",
+                &[("", c(&self.invalidations))],
+            );
+            counter(
+                "invalidated_keys_total",
+                "Keys removed by invalidation messages.",
+                "counter",
+                &[("", c(&self.invalidated_keys))],
+            );
+            counter(
+                "cache_flushes_total",
+                "Times the whole cache was emptied.",
+                "counter",
+                &[("", c(&self.cache_flushes))],
+            );
+            counter(
+                "tracking_reconnects_total",
+                "Times the invalidation connection was re-established.",
+                "counter",
+                &[("", c(&self.tracking_reconnects))],
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP redis_proxy_request_duration_seconds Time to answer a request."
+        );
+        let _ = writeln!(out, "# TYPE redis_proxy_request_duration_seconds histogram");
+        let mut cumulative = 0;
+        for (i, bound) in BUCKETS.iter().enumerate() {
+            cumulative += c(&self.latency.counts[i]);
+            let _ = writeln!(
+                out,
+                "redis_proxy_request_duration_seconds_bucket{{le=\"{bound}\"}} {cumulative}"
+            );
+        }
+        let count = c(&self.latency.count);
+        let _ = writeln!(
+            out,
+            "redis_proxy_request_duration_seconds_bucket{{le=\"+Inf\"}} {count}"
+        );
+        let _ = writeln!(
+            out,
+            "redis_proxy_request_duration_seconds_sum {}",
+            c(&self.latency.sum_nanos) as f64 / 1e9
+        );
+        let _ = writeln!(out, "redis_proxy_request_duration_seconds_count {count}");
+        out
+    }
+}
+
+/// What `render` reads from the other modules.
+pub struct Snapshot<'a> {
+    pub cache: &'a CacheStats,
+    pub cache_entries: usize,
+    pub backend: &'a BackendStats,
+    pub tracking: bool,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Counters and the histogram appear in the exposition with their labels.
+    #[test]
+    fn renders_counters_and_histogram() {
+        let m = Metrics::default();
+        m.hits.fetch_add(3, Ordering::Relaxed);
+        m.request(Frontend::Http, "200", Duration::from_micros(50));
+        m.request(Frontend::Resp, "error", Duration::from_millis(2));
+        let cache = CacheStats::default();
+        let backend = BackendStats::default();
+        let text = m.render(&Snapshot {
+            cache: &cache,
+            cache_entries: 7,
+            backend: &backend,
+            tracking: false,
+        });
+        assert!(text.contains("redis_proxy_cache_hits_total 3\n"));
+        assert!(text.contains("redis_proxy_cache_entries 7\n"));
+        assert!(text.contains("redis_proxy_requests_total{frontend=\"http\",status=\"200\"} 1\n"));
+        assert!(text.contains("redis_proxy_requests_total{frontend=\"resp\",status=\"error\"} 1\n"));
+        assert!(text.contains("redis_proxy_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"));
+        assert!(text.contains("redis_proxy_request_duration_seconds_count 2\n"));
+        assert!(!text.contains("invalidations_total"));
+    }
+}

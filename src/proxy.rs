@@ -1,0 +1,202 @@
+//! proxy: the read-through core both front ends call.
+//!
+//! Owns the lookup order (cache, then one Redis `GET`), single-flight misses,
+//! inserting what Redis returned, and the hit/miss counters. Knows nothing of
+//! HTTP or RESP encoding; front ends turn its results into bytes.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use dashmap::mapref::entry::Entry;
+use dashmap::DashMap;
+use may::sync::SyncFlag;
+
+use crate::backend::{Backend, BackendError};
+use crate::cache::{Cache, Key, Value};
+use crate::metrics::{Metrics, Snapshot};
+
+/// Where an answer came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Source {
+    Hit,
+    Miss,
+}
+
+/// The answer to one GET: the value (or `None` when Redis has no such key).
+#[derive(Debug, Clone)]
+pub struct Lookup {
+    pub value: Option<Value>,
+    pub source: Source,
+}
+
+type FlightResult = Result<Option<Value>, BackendError>;
+
+/// One Redis GET in progress; concurrent misses on the same key wait on it.
+struct Flight {
+    done: SyncFlag,
+    result: OnceLock<FlightResult>,
+    /// Set when the key was invalidated or written while the GET was in
+    /// flight: the fetched value may predate that change, so it is not cached.
+    stale: AtomicBool,
+}
+
+/// The shared read-through core.
+pub struct Proxy {
+    cache: Arc<Cache>,
+    backend: Backend,
+    metrics: Arc<Metrics>,
+    /// In-flight misses by key. A guard on this map is never held across a
+    /// yield: entries are cloned out and the guard dropped before waiting.
+    flights: DashMap<Key, Arc<Flight>>,
+    tracking: bool,
+}
+
+impl Proxy {
+    /// Wires the core over a cache and a backend.
+    pub fn new(cache: Arc<Cache>, backend: Backend, metrics: Arc<Metrics>, tracking: bool) -> Self {
+        Proxy {
+            cache,
+            backend,
+            metrics,
+            flights: DashMap::new(),
+            tracking,
+        }
+    }
+
+    /// The cache.
+    pub fn cache(&self) -> &Arc<Cache> {
+        &self.cache
+    }
+
+    /// The Redis connections.
+    pub fn backend(&self) -> &Backend {
+        &self.backend
+    }
+
+    /// The counters.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// Reads `key`: from the cache, else with exactly one Redis GET shared by
+    /// every concurrent miss on the key. `hint` picks the Redis connection
+    /// (the client's fd, so both sockets share a worker).
+    pub fn get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
+        if let Some(value) = self.cache.get(key) {
+            self.metrics.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(Lookup {
+                value: Some(value),
+                source: Source::Hit,
+            });
+        }
+        self.metrics.misses.fetch_add(1, Ordering::Relaxed);
+        if self.cache.capacity() == 0 {
+            // Pass-through: every GET goes to Redis, nothing is shared.
+            let value = self.backend.get(hint, key)?.map(Value::from);
+            return Ok(Lookup {
+                value,
+                source: Source::Miss,
+            });
+        }
+        let key: Key = Arc::from(key);
+        let (flight, leader) = match self.flights.entry(key.clone()) {
+            Entry::Occupied(e) => (e.get().clone(), false),
+            Entry::Vacant(e) => {
+                let flight = Arc::new(Flight {
+                    done: SyncFlag::new(),
+                    result: OnceLock::new(),
+                    stale: AtomicBool::new(false),
+                });
+                e.insert(flight.clone());
+                (flight, true)
+            }
+        };
+        if !leader {
+            self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
+            flight.done.wait();
+            let result = flight
+                .result
+                .get()
+                .cloned()
+                .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
+            return result.map(|value| Lookup {
+                value,
+                source: Source::Miss,
+            });
+        }
+        let landing = Landing {
+            proxy: self,
+            key: &key,
+            flight: &flight,
+        };
+        // An earlier leader may have filled the cache between our miss and
+        // our flight: take its value rather than asking Redis again.
+        let result = match self.cache.get(&key) {
+            Some(value) => Ok(Some(value)),
+            None => self.fetch(&key, hint, &flight),
+        };
+        flight.result.set(result.clone()).ok();
+        drop(landing);
+        result.map(|value| Lookup {
+            value,
+            source: Source::Miss,
+        })
+    }
+
+    fn fetch(&self, key: &Key, hint: usize, flight: &Flight) -> FlightResult {
+        let value = self.backend.get(hint, key)?.map(Value::from);
+        if let Some(value) = &value {
+            self.cache.insert(key.clone(), value.clone());
+            // Checked after the insert: an invalidation that set `stale`
+            // before this point is honoured here, one after it removes the
+            // entry itself.
+            if flight.stale.load(Ordering::SeqCst) {
+                self.cache.remove(key);
+            }
+        }
+        Ok(value)
+    }
+
+    /// Drops `key` from the cache, and keeps a GET in flight for it from
+    /// caching what it fetched (it may predate the change).
+    pub fn invalidate(&self, key: &[u8]) -> bool {
+        if let Some(flight) = self.flights.get(key) {
+            flight.stale.store(true, Ordering::SeqCst);
+        }
+        self.cache.remove(key)
+    }
+
+    /// Empties the cache, and marks every GET in flight stale.
+    pub fn invalidate_all(&self) {
+        for flight in self.flights.iter() {
+            flight.stale.store(true, Ordering::SeqCst);
+        }
+        self.cache.clear();
+    }
+
+    /// The Prometheus exposition of every counter.
+    pub fn render_metrics(&self) -> String {
+        self.metrics.render(&Snapshot {
+            cache: self.cache.stats(),
+            cache_entries: self.cache.len(),
+            backend: self.backend.stats(),
+            tracking: self.tracking,
+        })
+    }
+}
+
+/// Ends a flight however the leader leaves (return or panic): removes it
+/// from the map, then wakes the waiters. A flight ended without a result
+/// (a panic) reads as an error to its waiters.
+struct Landing<'a> {
+    proxy: &'a Proxy,
+    key: &'a Key,
+    flight: &'a Arc<Flight>,
+}
+
+impl Drop for Landing<'_> {
+    fn drop(&mut self) {
+        self.proxy.flights.remove(self.key);
+        self.flight.done.fire();
+    }
+}

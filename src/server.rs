@@ -1,0 +1,128 @@
+//! server: wiring. Builds the cache, backend, core and client limits from a
+//! [`Config`], starts the listeners, and hands back a [`Server`] handle with
+//! the bound addresses and a graceful shutdown. Owns no protocol logic.
+
+use std::io;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::Arc;
+use std::thread;
+use std::time::{Duration, Instant};
+
+use may::coroutine::JoinHandle;
+use may_minihttp::HttpServiceFactory;
+
+use crate::backend::{Backend, BackendOptions};
+use crate::cache::{Cache, SystemClock};
+use crate::clients::Clients;
+use crate::config::{Config, Invalidation};
+use crate::http::HttpFactory;
+use crate::metrics::Metrics;
+use crate::proxy::Proxy;
+
+/// Coroutine stack size in bytes. may's default (32 KiB) is tight for JSON
+/// encoding plus the redis parser; 64 KiB stays cheap for 10,000 connections
+/// because untouched stack pages are never resident.
+const STACK_BYTES: usize = 64 * 1024;
+
+/// A running proxy.
+pub struct Server {
+    http_addr: SocketAddr,
+    resp_addr: Option<SocketAddr>,
+    proxy: Arc<Proxy>,
+    clients: Arc<Clients>,
+    listeners: Vec<JoinHandle<()>>,
+}
+
+/// Starts a proxy with `config`. Must be called once per process: may's
+/// worker count is fixed by the first call.
+pub fn start(config: &Config) -> io::Result<Server> {
+    let workers = config.workers();
+    may::config()
+        .set_workers(workers)
+        .set_stack_size(STACK_BYTES / std::mem::size_of::<usize>());
+    let target = config
+        .redis_target()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+
+    let metrics = Arc::new(Metrics::default());
+    let cache = Arc::new(Cache::new(
+        config.cache_capacity,
+        config.cache_ttl(),
+        Arc::new(SystemClock::default()),
+    ));
+    // Sweep often enough that expired entries do not linger for long, but
+    // never busy-loop for tiny TTLs.
+    let sweep_every =
+        (config.cache_ttl() / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
+    cache.spawn_sweeper(sweep_every);
+    let backend = Backend::start(BackendOptions {
+        target,
+        connections: workers,
+        timeout: config.redis_timeout(),
+        on_connect: None,
+    });
+    let tracking = config.cache_invalidation == Invalidation::Tracking;
+    let proxy = Arc::new(Proxy::new(cache, backend, metrics.clone(), tracking));
+    let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics);
+    clients.spawn_reaper();
+
+    let http_addr = resolve(&config.host, config.port)?;
+    let http = HttpFactory {
+        proxy: proxy.clone(),
+        clients: clients.clone(),
+    }
+    .start(http_addr)?;
+    Ok(Server {
+        http_addr,
+        resp_addr: None,
+        proxy,
+        clients,
+        listeners: vec![http],
+    })
+}
+
+fn resolve(host: &str, port: u16) -> io::Result<SocketAddr> {
+    (host, port).to_socket_addrs()?.next().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("PROXY_HOST {host} resolves to no address"),
+        )
+    })
+}
+
+impl Server {
+    /// The HTTP listener's address.
+    pub fn http_addr(&self) -> SocketAddr {
+        self.http_addr
+    }
+
+    /// The RESP listener's address, when enabled.
+    pub fn resp_addr(&self) -> Option<SocketAddr> {
+        self.resp_addr
+    }
+
+    /// The read-through core (for embedding and tests).
+    pub fn proxy(&self) -> &Arc<Proxy> {
+        &self.proxy
+    }
+
+    /// Stops accepting, waits up to `grace` for requests in flight, then
+    /// closes every connection.
+    pub fn shutdown(self, grace: Duration) {
+        for listener in &self.listeners {
+            // SAFETY: cancelling the accept coroutine only unwinds its loop;
+            // connections already accepted run on their own coroutines.
+            unsafe { listener.coroutine().cancel() };
+        }
+        let deadline = Instant::now() + grace;
+        while self.clients.in_flight() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+        self.clients.close_all();
+        // Give the closed connections a moment to flush their last replies.
+        let deadline = Instant::now() + Duration::from_millis(200).min(grace);
+        while self.clients.connected() > 0 && Instant::now() < deadline {
+            thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
