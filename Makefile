@@ -1,0 +1,36 @@
+# One target a job; CI runs exactly `make lint test` (see .ci/run).
+.PHONY: all deps build run test lint bench soak fmt clean
+
+all: build
+
+deps:
+	@scripts/deps.sh
+
+build: deps
+	cargo build --release
+
+# Starts the proxy. With neither REDIS_URL nor REDIS_HOST set and nothing on
+# 127.0.0.1:6379, a throwaway loopback redis-server is started first.
+run: build
+	@if [ -z "$$REDIS_URL" ] && [ -z "$$REDIS_HOST" ]; then scripts/redis-local.sh start 6379; fi
+	./target/release/redis-proxy
+
+test: deps
+	cargo test --all-targets
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --all-targets -- -D warnings
+
+bench: deps
+	cargo bench --bench cache
+	scripts/bench.sh
+
+soak: build
+	scripts/soak.sh
+
+fmt:
+	cargo fmt --all
+
+clean:
+	cargo clean
