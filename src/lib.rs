@@ -12,6 +12,7 @@
 //! - [`backend`]: per-worker pipelined Redis connections over may sockets; timeouts, reconnects.
 //! - [`proxy`]: the read-through core both front ends call: lookup, single-flight miss, insert.
 //! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.
+//! - [`resp`]: the Redis-protocol (RESP2) front end: parser, command subset, accept loop.
 //! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
 //! - [`metrics`]: counters and the Prometheus exposition.
 //! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
@@ -25,6 +26,7 @@ pub mod config;
 pub mod http;
 pub mod metrics;
 pub mod proxy;
+pub mod resp;
 pub mod server;
 
 pub use config::Config;

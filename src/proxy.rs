@@ -4,7 +4,7 @@
 //! inserting what Redis returned, and the hit/miss counters. Knows nothing of
 //! HTTP or RESP encoding; front ends turn its results into bytes.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use dashmap::mapref::entry::Entry;
@@ -48,6 +48,9 @@ pub struct Proxy {
     /// In-flight misses by key. A guard on this map is never held across a
     /// yield: entries are cloned out and the guard dropped before waiting.
     flights: DashMap<Key, Arc<Flight>>,
+    /// Bumped by every invalidation; a multi-key fetch that saw it move
+    /// drops what it cached (it cannot tell which keys changed mid-flight).
+    epoch: AtomicU64,
     tracking: bool,
 }
 
@@ -59,6 +62,7 @@ impl Proxy {
             backend,
             metrics,
             flights: DashMap::new(),
+            epoch: AtomicU64::new(0),
             tracking,
         }
     }
@@ -143,6 +147,49 @@ impl Proxy {
         })
     }
 
+    /// Reads several keys: hits from the cache, all misses from Redis in one
+    /// pipelined round trip (not coalesced with other requests). A key that
+    /// is absent or holds another type reads as `None`, as in Redis's MGET.
+    pub fn get_many(
+        &self,
+        keys: &[&[u8]],
+        hint: usize,
+    ) -> Result<Vec<Option<Value>>, BackendError> {
+        let mut out = Vec::with_capacity(keys.len());
+        let mut missing = Vec::new();
+        for (i, key) in keys.iter().enumerate() {
+            let value = self.cache.get(key);
+            let counter = match value {
+                Some(_) => &self.metrics.hits,
+                None => {
+                    missing.push(i);
+                    &self.metrics.misses
+                }
+            };
+            counter.fetch_add(1, Ordering::Relaxed);
+            out.push(value);
+        }
+        if missing.is_empty() {
+            return Ok(out);
+        }
+        let epoch = self.epoch.load(Ordering::SeqCst);
+        let miss_keys: Vec<&[u8]> = missing.iter().map(|&i| keys[i]).collect();
+        let results = self.backend.get_many(hint, &miss_keys)?;
+        for (&i, result) in missing.iter().zip(results) {
+            if let Ok(Some(bytes)) = result {
+                let value = Value::from(bytes);
+                self.cache.insert(Arc::from(keys[i]), value.clone());
+                out[i] = Some(value);
+            }
+        }
+        if self.epoch.load(Ordering::SeqCst) != epoch {
+            for &i in &missing {
+                self.cache.remove(keys[i]);
+            }
+        }
+        Ok(out)
+    }
+
     fn fetch(&self, key: &Key, hint: usize, flight: &Flight) -> FlightResult {
         let value = self.backend.get(hint, key)?.map(Value::from);
         if let Some(value) = &value {
@@ -160,6 +207,7 @@ impl Proxy {
     /// Drops `key` from the cache, and keeps a GET in flight for it from
     /// caching what it fetched (it may predate the change).
     pub fn invalidate(&self, key: &[u8]) -> bool {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         if let Some(flight) = self.flights.get(key) {
             flight.stale.store(true, Ordering::SeqCst);
         }
@@ -168,6 +216,7 @@ impl Proxy {
 
     /// Empties the cache, and marks every GET in flight stale.
     pub fn invalidate_all(&self) {
+        self.epoch.fetch_add(1, Ordering::SeqCst);
         for flight in self.flights.iter() {
             flight.stale.store(true, Ordering::SeqCst);
         }

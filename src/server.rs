@@ -18,6 +18,7 @@ use crate::config::{Config, Invalidation};
 use crate::http::HttpFactory;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
+use crate::resp::{self, RespShared};
 
 /// Coroutine stack size in bytes. may's default (32 KiB) is tight for JSON
 /// encoding plus the redis parser; 64 KiB stays cheap for 10,000 connections
@@ -44,6 +45,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
         .redis_target()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
 
+    let target_db = target.db;
     let metrics = Arc::new(Metrics::default());
     let cache = Arc::new(Cache::new(
         config.cache_capacity,
@@ -72,12 +74,26 @@ pub fn start(config: &Config) -> io::Result<Server> {
         clients: clients.clone(),
     }
     .start(http_addr)?;
+    let mut listeners = vec![http];
+    let mut resp_addr = None;
+    if let Some(port) = config.resp_port {
+        let addr = resolve(&config.host, port)?;
+        let shared = Arc::new(RespShared {
+            proxy: proxy.clone(),
+            clients: clients.clone(),
+            max_request: config.resp_max_request_bytes,
+            db: target_db,
+            idle_timeout: config.idle_timeout(),
+        });
+        listeners.push(resp::start(shared, addr)?);
+        resp_addr = Some(addr);
+    }
     Ok(Server {
         http_addr,
-        resp_addr: None,
+        resp_addr,
         proxy,
         clients,
-        listeners: vec![http],
+        listeners,
     })
 }
 
