@@ -78,10 +78,19 @@ pub struct BackendStats {
     pub reconnects: AtomicU64,
 }
 
-/// Called with the index of a connection each time it is (re)established,
-/// before any request is written on it; returns extra commands to send first
-/// (e.g. CLIENT TRACKING) and how many replies they produce.
-pub type ConnectHook = Arc<dyn Fn(usize) -> Option<(Vec<u8>, usize)> + Send + Sync>;
+/// Lets another module prepare each connection without the backend knowing
+/// why (the tracking module uses it to keep CLIENT TRACKING on).
+pub trait LinkHook: Send + Sync {
+    /// Connection `index` was just established; `reconnect` is false for its
+    /// first connection.
+    fn connected(&self, index: usize, reconnect: bool);
+    /// Called before each batch with the link's hook-owned token (0 on a new
+    /// link): returns commands to send ahead of the batch and how many
+    /// replies they produce. The token is updated only if they succeed.
+    fn preamble(&self, token: i64) -> Option<(Vec<u8>, usize, i64)>;
+    /// A preamble reply was an error or did not arrive.
+    fn preamble_failed(&self, why: &str);
+}
 
 /// Settings of the connection set.
 #[derive(Clone)]
@@ -89,7 +98,7 @@ pub struct BackendOptions {
     pub target: RedisTarget,
     pub connections: usize,
     pub timeout: Duration,
-    pub on_connect: Option<ConnectHook>,
+    pub hook: Option<Arc<dyn LinkHook>>,
 }
 
 type Reply = Result<Vec<Value>, BackendError>;
@@ -231,6 +240,8 @@ struct Link {
     /// Whether a batch has completed on it: a failure on a link that worked
     /// before may just mean Redis closed it while idle, worth one retry.
     used: bool,
+    /// Owned by the [`LinkHook`]; 0 on a new link.
+    token: i64,
 }
 
 /// State of one I/O coroutine.
@@ -335,6 +346,13 @@ impl IoLoop {
     fn round_trip(&mut self, batch: &[Job]) -> Result<(), RoundTrip> {
         self.write_buf.clear();
         let mut commands = 0;
+        let preamble = match &self.options.hook {
+            Some(hook) => hook.preamble(self.link.as_ref().map_or(0, |l| l.token)),
+            None => None,
+        };
+        if let Some((cmds, _, _)) = &preamble {
+            self.write_buf.extend_from_slice(cmds);
+        }
         for job in batch {
             self.write_buf.extend_from_slice(&job.cmds);
             commands += job.count;
@@ -348,6 +366,9 @@ impl IoLoop {
         self.stats
             .requests
             .fetch_add(commands as u64, Ordering::Relaxed);
+        if let Some((_, count, token)) = preamble {
+            self.read_preamble(count, token, batch)?;
+        }
         for (i, job) in batch.iter().enumerate() {
             let mut values = Vec::with_capacity(job.count);
             for _ in 0..job.count {
@@ -385,6 +406,49 @@ impl IoLoop {
         Ok(())
     }
 
+    /// Reads the hook's preamble replies; on success the link takes `token`.
+    fn read_preamble(&mut self, count: usize, token: i64, batch: &[Job]) -> Result<(), RoundTrip> {
+        let hook = self.options.hook.clone().expect("preamble implies a hook");
+        let deadline = batch
+            .iter()
+            .map(|j| j.deadline)
+            .min()
+            .unwrap_or_else(Instant::now);
+        let mut ok = true;
+        for _ in 0..count {
+            let link = self.link.as_mut().expect("link ensured");
+            let left = deadline.saturating_duration_since(Instant::now());
+            link.stream
+                .set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                .ok();
+            match link.parser.parse_value(&mut link.stream) {
+                Ok(Value::ServerError(err)) => {
+                    hook.preamble_failed(&server_error_line(&err));
+                    ok = false;
+                }
+                Ok(_) => {}
+                Err(e) if e.is_timeout() => {
+                    hook.preamble_failed("reply timed out");
+                    self.drop_link("reply timed out");
+                    for job in batch {
+                        self.fail(job, BackendError::Timeout);
+                    }
+                    return Err(RoundTrip::Done);
+                }
+                Err(e) => {
+                    hook.preamble_failed(&e.to_string());
+                    return Err(RoundTrip::Retry(format!("connection lost: {e}")));
+                }
+            }
+        }
+        if ok {
+            if let Some(link) = self.link.as_mut() {
+                link.token = token;
+            }
+        }
+        Ok(())
+    }
+
     fn ensure_link(&mut self) -> Result<(), BackendError> {
         if self.link.is_some() {
             return Ok(());
@@ -405,6 +469,9 @@ impl IoLoop {
                         self.index,
                         self.options.target
                     );
+                }
+                if let Some(hook) = &self.options.hook {
+                    hook.connected(self.index, self.connected_before);
                 }
                 self.connected_before = true;
                 self.backoff = MIN_BACKOFF;
@@ -439,6 +506,7 @@ impl IoLoop {
             stream,
             parser: Parser::new(),
             used: false,
+            token: 0,
         };
         let mut setup = Vec::new();
         let mut replies = 0;
@@ -455,12 +523,6 @@ impl IoLoop {
                 .arg(target.db)
                 .write_packed_command(&mut setup);
             replies += 1;
-        }
-        if let Some(hook) = &self.options.on_connect {
-            if let Some((cmds, count)) = hook(self.index) {
-                setup.extend_from_slice(&cmds);
-                replies += count;
-            }
         }
         if replies == 0 {
             return Ok(link);

@@ -6,7 +6,7 @@
 //! bodies. Reads go through the shared core (`proxy`); this module never
 //! touches the cache or Redis directly.
 
-use std::io;
+use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -140,6 +140,10 @@ pub fn value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
 pub struct HttpFactory {
     pub proxy: Arc<Proxy>,
     pub clients: Arc<Clients>,
+    /// `PROXY_ALLOW_WRITES`: serve PUT and DELETE.
+    pub allow_writes: bool,
+    /// Largest PUT body accepted, in bytes.
+    pub max_body: usize,
 }
 
 impl HttpServiceFactory for HttpFactory {
@@ -155,6 +159,8 @@ impl HttpServiceFactory for HttpFactory {
             proxy: self.proxy.clone(),
             permit,
             fd,
+            allow_writes: self.allow_writes,
+            max_body: self.max_body,
         }
     }
 }
@@ -165,7 +171,13 @@ pub struct HttpConn {
     proxy: Arc<Proxy>,
     permit: Permit,
     fd: usize,
+    allow_writes: bool,
+    max_body: usize,
 }
+
+/// Largest body of a request that takes none (e.g. a GET with a body) that
+/// is read and discarded to keep the connection usable; above it, close.
+const MAX_DISCARD: usize = 1 << 20;
 
 /// Status line pieces for the codes this front end uses.
 fn reason(code: usize) -> &'static str {
@@ -175,6 +187,7 @@ fn reason(code: usize) -> &'static str {
         400 => "Bad Request",
         404 => "Not Found",
         405 => "Method Not Allowed",
+        413 => "Content Too Large",
         431 => "Request Header Fields Too Large",
         502 => "Bad Gateway",
         503 => "Service Unavailable",
@@ -190,6 +203,7 @@ fn status_label(code: usize) -> &'static str {
         400 => "400",
         404 => "404",
         405 => "405",
+        413 => "413",
         431 => "431",
         502 => "502",
         503 => "503",
@@ -233,11 +247,23 @@ impl HttpConn {
             return Reply::error(431, "request head too large: at most 131072 bytes", None);
         }
         if !(method == "GET" || method == "HEAD") {
-            return Reply {
-                code: 405,
-                headers: &["Content-Type: application/json", "Allow: GET, HEAD"],
-                body: error_body("method not allowed: use GET or HEAD", None),
-                raw: None,
+            return if self.allow_writes {
+                Reply {
+                    code: 405,
+                    headers: &[
+                        "Content-Type: application/json",
+                        "Allow: GET, HEAD, PUT, DELETE",
+                    ],
+                    body: error_body("method not allowed: use GET, HEAD, PUT or DELETE", None),
+                    raw: None,
+                }
+            } else {
+                Reply {
+                    code: 405,
+                    headers: &["Content-Type: application/json", "Allow: GET, HEAD"],
+                    body: error_body("method not allowed: use GET or HEAD", None),
+                    raw: None,
+                }
             };
         }
         if raw_path.starts_with(b"/-/") {
@@ -304,6 +330,73 @@ impl HttpConn {
     }
 }
 
+impl HttpConn {
+    /// PUT (SET) and DELETE (DEL), when writes are allowed.
+    fn write(&self, req: Request, body_len: usize) -> Reply {
+        let target = match parse_target(req.path().as_bytes()) {
+            Ok(target) => target,
+            Err(e) => {
+                if body_len > MAX_DISCARD {
+                    self.permit.close();
+                } else {
+                    let _ = io::copy(&mut req.body(), &mut io::sink());
+                }
+                return Reply::error(400, e.message(), None);
+            }
+        };
+        let key = target.key;
+        if req.method() == "DELETE" {
+            if body_len > 0 {
+                let _ = io::copy(&mut req.body(), &mut io::sink());
+            }
+            let cmd = redis::cmd("DEL").arg(&key).get_packed_command();
+            return match self.proxy.write(self.fd, cmd, &[&key]) {
+                Ok(redis::Value::Int(0)) => Reply::error(404, "key not found", Some(&key)),
+                Ok(_) => Reply::json(204, Vec::new()),
+                Err(e) => backend_error(&e, &key),
+            };
+        }
+        if body_len > self.max_body {
+            self.permit.close();
+            return Reply::error(413, "body too large", Some(&key));
+        }
+        let mut value = Vec::with_capacity(body_len);
+        if req.body().read_to_end(&mut value).is_err() || value.len() != body_len {
+            self.permit.close();
+            return Reply::error(400, "body shorter than Content-Length", Some(&key));
+        }
+        let cmd = redis::cmd("SET").arg(&key).arg(&value).get_packed_command();
+        match self.proxy.write(self.fd, cmd, &[&key]) {
+            Ok(_) => Reply::json(204, Vec::new()),
+            Err(e) => backend_error(&e, &key),
+        }
+    }
+}
+
+/// The request's declared body length; 0 when it has none. Errors are
+/// requests whose end cannot be found (may_minihttp would panic on them).
+fn body_length(req: &Request) -> Result<usize, &'static str> {
+    let mut length = None;
+    for h in req.headers() {
+        if h.name.eq_ignore_ascii_case("transfer-encoding") {
+            return Err("chunked bodies are not supported: send Content-Length");
+        }
+        if h.name.eq_ignore_ascii_case("content-length") {
+            let parsed = std::str::from_utf8(h.value)
+                .ok()
+                .map(str::trim)
+                .filter(|v| !v.is_empty() && v.bytes().all(|b| b.is_ascii_digit()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .ok_or("malformed Content-Length")?;
+            if length.is_some_and(|l| l != parsed) {
+                return Err("conflicting Content-Length headers");
+            }
+            length = Some(parsed);
+        }
+    }
+    Ok(length.unwrap_or(0))
+}
+
 /// The one mapping from backend errors to HTTP answers.
 fn backend_error(e: &BackendError, key: &[u8]) -> Reply {
     match e {
@@ -348,7 +441,25 @@ impl HttpService for HttpConn {
         }
         let _in_flight = self.permit.begin();
         let head = req.method() == "HEAD";
-        let reply = self.route(&req);
+        let reply = match body_length(&req) {
+            Err(why) => {
+                // Where this request ends is unknown: answer, then close.
+                self.permit.close();
+                Reply::error(400, why, None)
+            }
+            Ok(len) if self.allow_writes && matches!(req.method(), "PUT" | "DELETE") => {
+                self.write(req, len)
+            }
+            Ok(len) => {
+                let reply = self.route(&req);
+                if len > MAX_DISCARD {
+                    self.permit.close();
+                } else if len > 0 {
+                    let _ = io::copy(&mut req.body(), &mut io::sink());
+                }
+                reply
+            }
+        };
         rsp.status_code(reply.code, reason(reply.code));
         for h in reply.headers {
             rsp.header(h);

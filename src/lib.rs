@@ -14,6 +14,7 @@
 //! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.
 //! - [`resp`]: the Redis-protocol (RESP2) front end: parser, command subset, accept loop.
 //! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
+//! - [`tracking`]: opt-in coherence: Redis CLIENT TRACKING invalidations empty changed keys.
 //! - [`metrics`]: counters and the Prometheus exposition.
 //! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
 //!
@@ -28,6 +29,7 @@ pub mod metrics;
 pub mod proxy;
 pub mod resp;
 pub mod server;
+pub mod tracking;
 
 pub use config::Config;
 pub use server::{start, Server};

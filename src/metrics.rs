@@ -22,8 +22,9 @@ pub enum Frontend {
 const FRONTENDS: [&str; 2] = ["http", "resp"];
 
 /// Status labels: HTTP codes, and `ok`/`error` for RESP replies.
-pub const STATUSES: [&str; 13] = [
-    "200", "204", "400", "404", "405", "431", "500", "502", "503", "504", "ok", "nil", "error",
+pub const STATUSES: [&str; 14] = [
+    "200", "204", "400", "404", "405", "413", "431", "500", "502", "503", "504", "ok", "nil",
+    "error",
 ];
 
 /// Upper bounds of the latency histogram buckets, in seconds.

@@ -14,6 +14,7 @@ use may::sync::SyncFlag;
 use crate::backend::{Backend, BackendError};
 use crate::cache::{Cache, Key, Value};
 use crate::metrics::{Metrics, Snapshot};
+use crate::tracking::Tracking;
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,18 +52,27 @@ pub struct Proxy {
     /// Bumped by every invalidation; a multi-key fetch that saw it move
     /// drops what it cached (it cannot tell which keys changed mid-flight).
     epoch: AtomicU64,
-    tracking: bool,
+    /// Bumped when the cache is emptied or tracking may have lapsed: a value
+    /// fetched across such an event is not kept.
+    generation: AtomicU64,
+    tracking: Option<Arc<Tracking>>,
 }
 
 impl Proxy {
     /// Wires the core over a cache and a backend.
-    pub fn new(cache: Arc<Cache>, backend: Backend, metrics: Arc<Metrics>, tracking: bool) -> Self {
+    pub fn new(
+        cache: Arc<Cache>,
+        backend: Backend,
+        metrics: Arc<Metrics>,
+        tracking: Option<Arc<Tracking>>,
+    ) -> Self {
         Proxy {
             cache,
             backend,
             metrics,
             flights: DashMap::new(),
             epoch: AtomicU64::new(0),
+            generation: AtomicU64::new(0),
             tracking,
         }
     }
@@ -86,6 +96,15 @@ impl Proxy {
     /// every concurrent miss on the key. `hint` picks the Redis connection
     /// (the client's fd, so both sockets share a worker).
     pub fn get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
+        if !self.cache_usable() {
+            // Tracking lapsed: invalidations could be missed, so bypass the cache.
+            self.metrics.misses.fetch_add(1, Ordering::Relaxed);
+            let value = self.backend.get(hint, key)?.map(Value::from);
+            return Ok(Lookup {
+                value,
+                source: Source::Miss,
+            });
+        }
         if let Some(value) = self.cache.get(key) {
             self.metrics.hits.fetch_add(1, Ordering::Relaxed);
             return Ok(Lookup {
@@ -155,10 +174,11 @@ impl Proxy {
         keys: &[&[u8]],
         hint: usize,
     ) -> Result<Vec<Option<Value>>, BackendError> {
+        let usable = self.cache_usable();
         let mut out = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
-            let value = self.cache.get(key);
+            let value = if usable { self.cache.get(key) } else { None };
             let counter = match value {
                 Some(_) => &self.metrics.hits,
                 None => {
@@ -173,16 +193,23 @@ impl Proxy {
             return Ok(out);
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
+        let generation = self.generation.load(Ordering::SeqCst);
         let miss_keys: Vec<&[u8]> = missing.iter().map(|&i| keys[i]).collect();
         let results = self.backend.get_many(hint, &miss_keys)?;
         for (&i, result) in missing.iter().zip(results) {
             if let Ok(Some(bytes)) = result {
                 let value = Value::from(bytes);
-                self.cache.insert(Arc::from(keys[i]), value.clone());
+                if usable {
+                    self.cache.insert(Arc::from(keys[i]), value.clone());
+                }
                 out[i] = Some(value);
             }
         }
-        if self.epoch.load(Ordering::SeqCst) != epoch {
+        if usable
+            && (self.epoch.load(Ordering::SeqCst) != epoch
+                || self.generation.load(Ordering::SeqCst) != generation
+                || !self.cache_usable())
+        {
             for &i in &missing {
                 self.cache.remove(keys[i]);
             }
@@ -191,15 +218,49 @@ impl Proxy {
     }
 
     fn fetch(&self, key: &Key, hint: usize, flight: &Flight) -> FlightResult {
+        let generation = self.generation.load(Ordering::SeqCst);
         let value = self.backend.get(hint, key)?.map(Value::from);
         if let Some(value) = &value {
             self.cache.insert(key.clone(), value.clone());
-            // Checked after the insert: an invalidation that set `stale`
-            // before this point is honoured here, one after it removes the
+            // Checked after the insert: an invalidation or flush that came
+            // before this point is honoured here; one after it removes the
             // entry itself.
-            if flight.stale.load(Ordering::SeqCst) {
+            if flight.stale.load(Ordering::SeqCst)
+                || self.generation.load(Ordering::SeqCst) != generation
+                || !self.cache_usable()
+            {
                 self.cache.remove(key);
             }
+        }
+        Ok(value)
+    }
+
+    /// False while tracking is on but its invalidation connection is down.
+    fn cache_usable(&self) -> bool {
+        self.tracking.as_ref().is_none_or(|t| t.ready())
+    }
+
+    /// Marks every fetch in flight as not cacheable (tracking may have lapsed).
+    pub fn distrust(&self) {
+        self.generation.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// Sends a write command (`SET`, `DEL`, ...) and then drops `keys` from
+    /// the cache. The written value is not cached: Redis does not track keys
+    /// a client writes, so a cached copy would never be invalidated.
+    pub fn write(
+        &self,
+        hint: usize,
+        cmd: Vec<u8>,
+        keys: &[&[u8]],
+    ) -> Result<redis::Value, BackendError> {
+        let result = self.backend.query(hint, cmd, 1);
+        for key in keys {
+            self.invalidate(key);
+        }
+        let value = result?.pop().unwrap_or(redis::Value::Nil);
+        if let redis::Value::ServerError(err) = &value {
+            return Err(BackendError::Reply(crate::backend::server_error_line(err)));
         }
         Ok(value)
     }
@@ -217,6 +278,7 @@ impl Proxy {
     /// Empties the cache, and marks every GET in flight stale.
     pub fn invalidate_all(&self) {
         self.epoch.fetch_add(1, Ordering::SeqCst);
+        self.generation.fetch_add(1, Ordering::SeqCst);
         for flight in self.flights.iter() {
             flight.stale.store(true, Ordering::SeqCst);
         }
@@ -229,7 +291,7 @@ impl Proxy {
             cache: self.cache.stats(),
             cache_entries: self.cache.len(),
             backend: self.backend.stats(),
-            tracking: self.tracking,
+            tracking: self.tracking.is_some(),
         })
     }
 }

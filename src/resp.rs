@@ -192,6 +192,22 @@ impl Out<'_> {
         self.0.extend_from_slice(b);
         self.0.extend_from_slice(b"\r\n");
     }
+    /// A Redis reply passed through (the shapes SET and DEL produce).
+    fn value(&mut self, v: &redis::Value) {
+        match v {
+            redis::Value::Okay => self.simple("OK"),
+            redis::Value::SimpleString(s) => self.simple(s),
+            redis::Value::Int(n) => self.int(*n),
+            redis::Value::BulkString(b) => self.bulk(b),
+            redis::Value::Array(items) => {
+                self.array(items.len());
+                for item in items {
+                    self.value(item);
+                }
+            }
+            _ => self.nil(),
+        }
+    }
     fn nil(&mut self) {
         self.0.extend_from_slice(b"$-1\r\n");
     }
@@ -220,6 +236,8 @@ pub struct RespShared {
     pub max_request: usize,
     pub db: i64,
     pub idle_timeout: Duration,
+    /// `PROXY_ALLOW_WRITES`: serve SET and DEL.
+    pub allow_writes: bool,
 }
 
 /// Binds `addr` and serves RESP on it; returns the accept coroutine.
@@ -476,6 +494,29 @@ fn execute(
         "info" => {
             let text = info_text(shared);
             out.bulk(text.as_bytes())
+        }
+        "set" | "del" if shared.allow_writes => {
+            let ok = if name == "set" {
+                args.len() >= 2
+            } else {
+                !args.is_empty()
+            };
+            if arity(ok, &mut out) {
+                let keys: &[&[u8]] = if name == "set" { &args[..1] } else { args };
+                let mut cmd = redis::cmd(if name == "set" { "SET" } else { "DEL" });
+                for a in args {
+                    cmd.arg(*a);
+                }
+                match shared.proxy.write(fd, cmd.get_packed_command(), keys) {
+                    Ok(value) => out.value(&value),
+                    Err(e) => {
+                        status = "error";
+                        out.error(&backend_error_line(&e))
+                    }
+                }
+            } else {
+                status = "error";
+            }
         }
         _ => {
             status = "error";

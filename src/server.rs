@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use may::coroutine::JoinHandle;
 use may_minihttp::HttpServiceFactory;
 
-use crate::backend::{Backend, BackendOptions};
+use crate::backend::{Backend, BackendOptions, LinkHook};
 use crate::cache::{Cache, SystemClock};
 use crate::clients::Clients;
 use crate::config::{Config, Invalidation};
@@ -19,6 +19,7 @@ use crate::http::HttpFactory;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::resp::{self, RespShared};
+use crate::tracking::Tracking;
 
 /// Coroutine stack size in bytes. may's default (32 KiB) is tight for JSON
 /// encoding plus the redis parser; 64 KiB stays cheap for 10,000 connections
@@ -57,14 +58,24 @@ pub fn start(config: &Config) -> io::Result<Server> {
     let sweep_every =
         (config.cache_ttl() / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     cache.spawn_sweeper(sweep_every);
+    let tracking = (config.cache_invalidation == Invalidation::Tracking)
+        .then(|| Tracking::new(target.clone(), config.redis_timeout(), metrics.clone()));
     let backend = Backend::start(BackendOptions {
         target,
         connections: workers,
         timeout: config.redis_timeout(),
-        on_connect: None,
+        hook: tracking.clone().map(|t| t as Arc<dyn LinkHook>),
     });
-    let tracking = config.cache_invalidation == Invalidation::Tracking;
-    let proxy = Arc::new(Proxy::new(cache, backend, metrics.clone(), tracking));
+    let proxy = Arc::new(Proxy::new(
+        cache,
+        backend,
+        metrics.clone(),
+        tracking.clone(),
+    ));
+    if let Some(tracking) = &tracking {
+        tracking.attach(&proxy);
+        tracking.spawn();
+    }
     let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics);
     clients.spawn_reaper();
 
@@ -72,6 +83,8 @@ pub fn start(config: &Config) -> io::Result<Server> {
     let http = HttpFactory {
         proxy: proxy.clone(),
         clients: clients.clone(),
+        allow_writes: config.allow_writes,
+        max_body: config.resp_max_request_bytes,
     }
     .start(http_addr)?;
     let mut listeners = vec![http];
@@ -84,6 +97,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
             max_request: config.resp_max_request_bytes,
             db: target_db,
             idle_timeout: config.idle_timeout(),
+            allow_writes: config.allow_writes,
         });
         listeners.push(resp::start(shared, addr)?);
         resp_addr = Some(addr);
