@@ -46,8 +46,16 @@ struct ConnState {
     /// received-byte count then.
     seen_requests: AtomicU64,
     bytes_mark: AtomicU64,
+    /// Response bytes produced so far, and (reaper-owned) how many of them
+    /// the peer had acknowledged at the last check.
+    produced: AtomicU64,
+    acked_mark: AtomicU64,
     closed: AtomicBool,
 }
+
+/// Response bytes a connection may have produced but the client not yet
+/// acknowledged (a client that never reads) before it is cut.
+pub const MAX_UNREAD_BYTES: u64 = 16 << 20;
 
 /// Admission and reaping for every client connection, HTTP and RESP.
 pub struct Clients {
@@ -137,7 +145,9 @@ impl Clients {
             requests: AtomicU64::new(0),
             max_pending_bytes: max_pending_bytes as u64,
             seen_requests: AtomicU64::new(0),
-            bytes_mark: AtomicU64::new(sys::bytes_received(fd).unwrap_or(0)),
+            bytes_mark: AtomicU64::new(sys::tcp_counters(fd).map_or(0, |c| c.0)),
+            produced: AtomicU64::new(0),
+            acked_mark: AtomicU64::new(0),
             closed: AtomicBool::new(false),
         });
         self.registry.insert(fd, state.clone());
@@ -176,10 +186,17 @@ impl Clients {
             }
             let idle_ms = now.saturating_sub(state.last_active_ms.load(Ordering::Relaxed));
             let mut close = idle_ms >= state.limit_ms;
+            let produced = state.produced.load(Ordering::Relaxed);
+            if !close && produced - state.acked_mark.load(Ordering::Relaxed) > MAX_UNREAD_BYTES {
+                // Replies pile up: is the client reading them at all?
+                let acked = sys::tcp_counters(fd).map_or(0, |c| c.1);
+                state.acked_mark.store(acked, Ordering::Relaxed);
+                close = produced.saturating_sub(acked) > MAX_UNREAD_BYTES;
+            }
             if !close && idle_ms >= tick_ms {
                 // No request completed during the last tick: is one growing?
                 let requests = state.requests.load(Ordering::Relaxed);
-                let received = sys::bytes_received(fd).unwrap_or(0);
+                let received = sys::tcp_counters(fd).map_or(0, |c| c.0);
                 if requests != state.seen_requests.swap(requests, Ordering::Relaxed) {
                     state.bytes_mark.store(received, Ordering::Relaxed);
                 } else {
@@ -222,10 +239,16 @@ impl Permit {
         InFlight(&self.clients)
     }
 
-    /// Closes this connection from the inside (both directions).
-    pub fn close(&self) {
+    /// Ends this connection once the reply being built is written: reading
+    /// stops now, so the connection loop ends after its next write.
+    pub fn close_after_reply(&self) {
         self.state.closed.store(true, Ordering::Relaxed);
-        sys::shutdown_both(self.fd);
+        sys::shutdown_read(self.fd);
+    }
+
+    /// Records `n` response bytes handed to the connection.
+    pub fn sent(&self, n: usize) {
+        self.state.produced.fetch_add(n as u64, Ordering::Relaxed);
     }
 
     /// Whether this connection was refused at the limit.
@@ -282,6 +305,13 @@ mod sys {
         }
     }
 
+    pub fn shutdown_read(fd: usize) {
+        // SAFETY: as above.
+        unsafe {
+            libc::shutdown(fd as libc::c_int, libc::SHUT_RD);
+        }
+    }
+
     pub fn shutdown_both(fd: usize) {
         // SAFETY: as above; the caller guarantees the fd is still this connection's.
         unsafe {
@@ -289,8 +319,9 @@ mod sys {
         }
     }
 
-    /// Total bytes the kernel has received on this TCP socket.
-    pub fn bytes_received(fd: usize) -> Option<u64> {
+    /// Bytes the kernel has received on this TCP socket, and bytes the peer
+    /// has acknowledged.
+    pub fn tcp_counters(fd: usize) -> Option<(u64, u64)> {
         // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
         unsafe {
             let mut info: libc::tcp_info = std::mem::zeroed();
@@ -302,7 +333,7 @@ mod sys {
                 (&mut info as *mut libc::tcp_info).cast(),
                 &mut len,
             );
-            (rc == 0).then_some(info.tcpi_bytes_received)
+            (rc == 0).then_some((info.tcpi_bytes_received, info.tcpi_bytes_acked))
         }
     }
 }

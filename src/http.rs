@@ -337,7 +337,7 @@ impl HttpConn {
             Ok(target) => target,
             Err(e) => {
                 if body_len > MAX_DISCARD {
-                    self.permit.close();
+                    self.permit.close_after_reply();
                 } else {
                     let _ = io::copy(&mut req.body(), &mut io::sink());
                 }
@@ -357,12 +357,12 @@ impl HttpConn {
             };
         }
         if body_len > self.max_body {
-            self.permit.close();
+            self.permit.close_after_reply();
             return Reply::error(413, "body too large", Some(&key));
         }
         let mut value = Vec::with_capacity(body_len);
         if req.body().read_to_end(&mut value).is_err() || value.len() != body_len {
-            self.permit.close();
+            self.permit.close_after_reply();
             return Reply::error(400, "body shorter than Content-Length", Some(&key));
         }
         let cmd = redis::cmd("SET").arg(&key).arg(&value).get_packed_command();
@@ -415,6 +415,28 @@ fn wants_json(req: &Request) -> bool {
     })
 }
 
+/// Approximate size of a response head, for the unread-bytes bound.
+const RESPONSE_HEAD_BYTES: usize = 160;
+/// Largest reply after which `Connection: close` (or HTTP/1.0) is honoured.
+const CLOSE_AFTER_MAX_BODY: usize = 8 * 1024;
+
+/// HTTP/1.0 without keep-alive, or `Connection: close`.
+fn wants_close(req: &Request) -> bool {
+    let connection = |token: &[u8]| {
+        req.headers().iter().any(|h| {
+            h.name.eq_ignore_ascii_case("connection")
+                && h.value
+                    .split(|b| *b == b',')
+                    .any(|v| v.trim_ascii().eq_ignore_ascii_case(token))
+        })
+    };
+    if req.version() == 0 {
+        !connection(b"keep-alive")
+    } else {
+        connection(b"close")
+    }
+}
+
 /// Size of the request line and headers as sent (close enough: separators
 /// are counted at their usual width).
 fn head_bytes(req: &Request) -> usize {
@@ -441,10 +463,11 @@ impl HttpService for HttpConn {
         }
         let _in_flight = self.permit.begin();
         let head = req.method() == "HEAD";
+        let closing = wants_close(&req);
         let reply = match body_length(&req) {
             Err(why) => {
                 // Where this request ends is unknown: answer, then close.
-                self.permit.close();
+                self.permit.close_after_reply();
                 Reply::error(400, why, None)
             }
             Ok(len) if self.allow_writes && matches!(req.method(), "PUT" | "DELETE") => {
@@ -453,7 +476,7 @@ impl HttpService for HttpConn {
             Ok(len) => {
                 let reply = self.route(&req);
                 if len > MAX_DISCARD {
-                    self.permit.close();
+                    self.permit.close_after_reply();
                 } else if len > 0 {
                     let _ = io::copy(&mut req.body(), &mut io::sink());
                 }
@@ -466,11 +489,22 @@ impl HttpService for HttpConn {
         }
         // may_minihttp derives Content-Length from the body it sends, so a
         // HEAD answer carries `Content-Length: 0` (see README, limits).
+        let body_len = match (&reply.raw, head) {
+            (_, true) => 0,
+            (Some(value), false) => value.len(),
+            (None, false) => reply.body.len(),
+        };
         if !head {
             match reply.raw {
                 Some(value) => rsp.body_mut().extend_from_slice(&value),
                 None => rsp.body_vec(reply.body),
             }
+        }
+        self.permit.sent(body_len + RESPONSE_HEAD_BYTES);
+        // Only a reply that surely fits the socket's send buffer at once can
+        // be followed by a close: may_minihttp drops what it could not write.
+        if closing && body_len <= CLOSE_AFTER_MAX_BODY {
+            self.permit.close_after_reply();
         }
         self.proxy
             .metrics()
