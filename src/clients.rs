@@ -218,11 +218,12 @@ impl Clients {
         self.in_flight.load(Ordering::SeqCst)
     }
 
-    /// Closes every registered connection (shutdown).
+    /// Stops reading on every registered connection (graceful shutdown): a
+    /// reply being produced is still written, then each connection ends.
     pub fn close_all(&self) {
         for entry in self.registry.iter() {
             entry.value().closed.store(true, Ordering::Relaxed);
-            sys::shutdown_both(*entry.key());
+            sys::shutdown_read(*entry.key());
         }
     }
 }

@@ -32,6 +32,7 @@ pub struct Server {
     resp_addr: Option<SocketAddr>,
     proxy: Arc<Proxy>,
     clients: Arc<Clients>,
+    tracking: Option<Arc<Tracking>>,
     listeners: Vec<JoinHandle<()>>,
 }
 
@@ -107,6 +108,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
         resp_addr,
         proxy,
         clients,
+        tracking,
         listeners,
     })
 }
@@ -148,11 +150,15 @@ impl Server {
         while self.clients.in_flight() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
         }
+        // Requests that arrived since the last check finish too: closing
+        // only the read side lets each connection write its reply first.
         self.clients.close_all();
-        // Give the closed connections a moment to flush their last replies.
-        let deadline = Instant::now() + Duration::from_millis(200).min(grace);
+        let deadline = Instant::now() + grace.max(Duration::from_millis(200));
         while self.clients.connected() > 0 && Instant::now() < deadline {
             thread::sleep(Duration::from_millis(5));
+        }
+        if let Some(tracking) = &self.tracking {
+            tracking.stop();
         }
     }
 }
