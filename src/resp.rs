@@ -17,7 +17,7 @@ use may::net::{TcpListener, TcpStream};
 
 use crate::backend::BackendError;
 use crate::clients::{Clients, Permit};
-use crate::metrics::Frontend;
+use crate::metrics::{Frontend, Tally};
 use crate::proxy::Proxy;
 
 /// Sent to a connection over the client limit, then it is closed.
@@ -304,6 +304,9 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
     let mut args: Vec<Range<usize>> = Vec::with_capacity(8);
     let mut session = Session { name: None };
     let mut next = Next::Continue;
+    let mut tally = Tally::default();
+    let metrics = shared.proxy.metrics().clone();
+    let mut batch_start = Instant::now();
     loop {
         // Answer every complete command in the buffer, then write once.
         while next == Next::Continue && rbuf.len() - start >= need {
@@ -320,7 +323,7 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
                         .iter()
                         .map(|r| &rbuf[base + r.start..base + r.end])
                         .collect();
-                    next = execute(&argv, shared, fd, &mut session, &mut wbuf);
+                    next = execute(&argv, shared, fd, &mut session, &mut wbuf, &mut tally);
                 }
                 Ok(Parsed::Incomplete { need: n }) => {
                     need = n;
@@ -333,10 +336,16 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
             }
         }
         if !wbuf.is_empty() {
-            if stream.write_all(&wbuf).is_err() {
+            let written = stream.write_all(&wbuf);
+            wbuf.clear();
+            // Every command of the batch is answered by this one write, so
+            // they share its latency: one clock read per batch, not per command.
+            if !tally.is_empty() {
+                metrics.requests_batch(Frontend::Resp, &mut tally, batch_start.elapsed());
+            }
+            if written.is_err() {
                 return;
             }
-            wbuf.clear();
         }
         if next == Next::Close {
             return;
@@ -353,6 +362,7 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
             Ok(0) | Err(_) => return,
             Ok(n) => rbuf.truncate(len + n),
         }
+        batch_start = Instant::now();
         if rbuf.capacity() > 4 * READ_CHUNK && rbuf.len() < READ_CHUNK {
             rbuf.shrink_to(READ_CHUNK);
         }
@@ -366,8 +376,8 @@ fn execute(
     fd: usize,
     session: &mut Session,
     wbuf: &mut Vec<u8>,
+    tally: &mut Tally,
 ) -> Next {
-    let started = Instant::now();
     let mut out = Out(wbuf);
     let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
     let args = &argv[1..];
@@ -524,10 +534,7 @@ fn execute(
             out.error(&format!("ERR unknown command '{shown}'"))
         }
     }
-    shared
-        .proxy
-        .metrics()
-        .request(Frontend::Resp, status, started.elapsed());
+    tally.add(status);
     next
 }
 
