@@ -504,6 +504,7 @@ impl HttpService for HttpConn {
         // Only a reply that surely fits the socket's send buffer at once can
         // be followed by a close: may_minihttp drops what it could not write.
         if closing && body_len <= CLOSE_AFTER_MAX_BODY {
+            rsp.header("Connection: close");
             self.permit.close_after_reply();
         }
         self.proxy
