@@ -15,7 +15,7 @@
 //! lock over its entry, and a connection unregisters (under the same lock)
 //! before its fd is closed, so the reaper never touches a reused fd.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -51,6 +51,9 @@ struct ConnState {
     produced: AtomicU64,
     acked_mark: AtomicU64,
     closed: AtomicBool,
+    /// A request is being processed (per connection, so the hot path never
+    /// touches a counter shared between workers).
+    busy: AtomicBool,
 }
 
 /// Response bytes a connection may have produced but the client not yet
@@ -64,8 +67,6 @@ pub struct Clients {
     idle: Duration,
     origin: Instant,
     registry: DashMap<usize, Arc<ConnState>>,
-    /// Requests being processed now, for graceful shutdown.
-    in_flight: AtomicUsize,
     metrics: Arc<Metrics>,
 }
 
@@ -86,7 +87,6 @@ impl Clients {
             idle,
             origin: Instant::now(),
             registry: DashMap::new(),
-            in_flight: AtomicUsize::new(0),
             metrics,
         })
     }
@@ -149,13 +149,18 @@ impl Clients {
             produced: AtomicU64::new(0),
             acked_mark: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            busy: AtomicBool::new(false),
         });
         self.registry.insert(fd, state.clone());
         state
     }
 
     fn now_ms(&self) -> u64 {
-        self.origin.elapsed().as_millis() as u64
+        self.ms_at(Instant::now())
+    }
+
+    fn ms_at(&self, at: Instant) -> u64 {
+        at.saturating_duration_since(self.origin).as_millis() as u64
     }
 
     /// Starts the reaper thread; it stops when the `Clients` is dropped.
@@ -215,7 +220,10 @@ impl Clients {
 
     /// Requests being processed now.
     pub fn in_flight(&self) -> usize {
-        self.in_flight.load(Ordering::SeqCst)
+        self.registry
+            .iter()
+            .filter(|e| e.value().busy.load(Ordering::SeqCst))
+            .count()
     }
 
     /// Stops reading on every registered connection (graceful shutdown): a
@@ -229,15 +237,15 @@ impl Clients {
 }
 
 impl Permit {
-    /// Records that a complete request arrived; the guard marks it in
-    /// flight until dropped.
-    pub fn begin(&self) -> InFlight<'_> {
+    /// Records that a complete request arrived at `at`; the guard marks it
+    /// in flight until dropped.
+    pub fn begin(&self, at: Instant) -> InFlight<'_> {
         self.state
             .last_active_ms
-            .store(self.clients.now_ms(), Ordering::Relaxed);
+            .store(self.clients.ms_at(at), Ordering::Relaxed);
         self.state.requests.fetch_add(1, Ordering::Relaxed);
-        self.clients.in_flight.fetch_add(1, Ordering::SeqCst);
-        InFlight(&self.clients)
+        self.state.busy.store(true, Ordering::SeqCst);
+        InFlight(&self.state)
     }
 
     /// Ends this connection once the reply being built is written: reading
@@ -259,11 +267,11 @@ impl Permit {
 }
 
 /// A request being processed; see [`Permit::begin`].
-pub struct InFlight<'a>(&'a Clients);
+pub struct InFlight<'a>(&'a ConnState);
 
 impl Drop for InFlight<'_> {
     fn drop(&mut self) {
-        self.0.in_flight.fetch_sub(1, Ordering::SeqCst);
+        self.0.busy.store(false, Ordering::SeqCst);
     }
 }
 

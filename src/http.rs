@@ -461,7 +461,7 @@ impl HttpService for HttpConn {
             rsp.body_vec(reply.body);
             return Ok(());
         }
-        let _in_flight = self.permit.begin();
+        let _in_flight = self.permit.begin(started);
         let head = req.method() == "HEAD";
         let closing = wants_close(&req);
         let reply = match body_length(&req) {

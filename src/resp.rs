@@ -309,6 +309,7 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
     let mut batch_start = Instant::now();
     loop {
         // Answer every complete command in the buffer, then write once.
+        let mut argv: Vec<&[u8]> = Vec::new();
         while next == Next::Continue && rbuf.len() - start >= need {
             match parse(&rbuf[start..], shared.max_request, &mut args) {
                 Ok(Parsed::Complete { consumed }) => {
@@ -318,11 +319,9 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
                     if args.is_empty() {
                         continue;
                     }
-                    let _in_flight = permit.begin();
-                    let argv: Vec<&[u8]> = args
-                        .iter()
-                        .map(|r| &rbuf[base + r.start..base + r.end])
-                        .collect();
+                    let _in_flight = permit.begin(batch_start);
+                    argv.clear();
+                    argv.extend(args.iter().map(|r| &rbuf[base + r.start..base + r.end]));
                     next = execute(&argv, shared, fd, &mut session, &mut wbuf, &mut tally);
                 }
                 Ok(Parsed::Incomplete { need: n }) => {
@@ -379,7 +378,18 @@ fn execute(
     tally: &mut Tally,
 ) -> Next {
     let mut out = Out(wbuf);
-    let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
+    // Lower-case the name on the stack: no allocation per command.
+    let mut lower = [0u8; 16];
+    let raw_name = argv[0];
+    if raw_name.len() <= lower.len() {
+        for (d, s) in lower.iter_mut().zip(raw_name) {
+            *d = s.to_ascii_lowercase();
+        }
+    }
+    let name = match raw_name.len() <= lower.len() {
+        true => std::str::from_utf8(&lower[..raw_name.len()]).unwrap_or(""),
+        false => "",
+    };
     let args = &argv[1..];
     let arity = |ok: bool, out: &mut Out| {
         if !ok {
@@ -391,7 +401,7 @@ fn execute(
     };
     let mut status = "ok";
     let mut next = Next::Continue;
-    match name.as_str() {
+    match name {
         "get" => {
             if arity(args.len() == 1, &mut out) {
                 match shared.proxy.get(args[0], fd) {
