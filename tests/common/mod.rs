@@ -1,0 +1,858 @@
+//! Shared helpers for the system tests: a real `redis-server` and the real
+//! `redis-proxy` binary, each on a free loopback port and killed on drop, and
+//! a small raw HTTP/1.1 client that shows exact statuses, headers and bytes.
+//!
+//! Nothing here mocks anything. Anything that waits polls with a deadline
+//! ([`DEADLINE`]) and then fails; no helper asserts on how long something took.
+//!
+//! Every test file includes this module with `mod common;` and uses only part
+//! of it, hence the `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::collections::HashSet;
+use std::io::{self, Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+/// How long any helper (or test) waits for something before failing.
+pub const DEADLINE: Duration = Duration::from_secs(10);
+
+/// Pause between two polls.
+pub const POLL: Duration = Duration::from_millis(20);
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_redis-proxy");
+
+/// Environment variables the binary reads (see `config::ENV_NAMES`); removed
+/// from every child so the runner's own environment cannot leak in.
+pub const PROXY_ENV: &[&str] = &[
+    "REDIS_URL",
+    "REDIS_HOST",
+    "REDIS_PORT",
+    "REDIS_DB",
+    "PROXY_HOST",
+    "PROXY_PORT",
+    "RESP_PORT",
+    "CACHE_TTL_MS",
+    "CACHE_CAPACITY",
+    "PROXY_MAX_CLIENTS",
+    "PROXY_WORKERS",
+    "REDIS_TIMEOUT_MS",
+    "PROXY_IDLE_TIMEOUT_MS",
+    "CACHE_INVALIDATION",
+    "PROXY_ALLOW_WRITES",
+    "PROXY_SHUTDOWN_GRACE_MS",
+    "RESP_MAX_REQUEST_BYTES",
+    "RUST_LOG",
+];
+
+/// Ports handed out by [`free_port`] in this test process. Never handing one
+/// out twice matters: the proxy binds with SO_REUSEPORT, so two proxies given
+/// the same port would both start and silently share the traffic.
+static PORTS: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+
+/// Lowest port [`free_port`] picks from when it can stay below the kernel's
+/// ephemeral range.
+const LOW_PORT: u16 = 20_000;
+
+/// A loopback port nothing listens on now and that no other test in this
+/// process was given: bind it, note it, drop the listener.
+///
+/// Ports come from below the kernel's ephemeral range when there is room
+/// (else from `bind(0)`): an outgoing connection can then never take a
+/// listener's port while it is free, as when the proxy keeps reconnecting to
+/// a stopped Redis and, with source port = destination port, connects to
+/// itself and keeps the port the restarted Redis needs.
+pub fn free_port() -> u16 {
+    let mut used = PORTS.lock().unwrap_or_else(|e| e.into_inner());
+    let used = used.get_or_insert_with(HashSet::new);
+    let bind = |port: u16| {
+        TcpListener::bind(("127.0.0.1", port))
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+    };
+    if let Some(high) = ephemeral_low().filter(|&p| p > LOW_PORT + 1000) {
+        let span = u64::from(high - LOW_PORT);
+        let mut seed = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(1, |d| d.as_nanos() as u64)
+            ^ (u64::from(std::process::id()) << 32);
+        for _ in 0..1000 {
+            // xorshift64: enough to spread concurrent test processes apart.
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            let port = LOW_PORT + (seed % span) as u16;
+            if !used.contains(&port) && bind(port).is_ok() {
+                used.insert(port);
+                return port;
+            }
+        }
+    }
+    loop {
+        let port = bind(0).expect("bind 127.0.0.1:0");
+        if used.insert(port) {
+            return port;
+        }
+    }
+}
+
+/// The first port of the kernel's ephemeral range, if known.
+fn ephemeral_low() -> Option<u16> {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Polls `f` every [`POLL`] until it returns `Some`, or panics after
+/// [`DEADLINE`] naming `what`.
+pub fn poll_until<T>(what: &str, mut f: impl FnMut() -> Option<T>) -> T {
+    poll_for(DEADLINE, what, &mut f)
+}
+
+/// [`poll_until`] with an explicit deadline.
+pub fn poll_for<T>(deadline: Duration, what: &str, f: &mut impl FnMut() -> Option<T>) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if Instant::now() >= end {
+            panic!("gave up after {deadline:?} waiting for: {what}");
+        }
+        thread::sleep(POLL);
+    }
+}
+
+/// Collects a child's output on a thread, so a pipe never fills and the
+/// text is there for failure messages.
+#[derive(Clone, Default)]
+struct Drain {
+    text: Arc<Mutex<Vec<u8>>>,
+    /// Set once the pipe reached EOF (the child and its copies of it are gone).
+    done: Arc<AtomicBool>,
+}
+
+impl Drain {
+    fn spawn(mut from: impl Read + Send + 'static) -> Drain {
+        let drain = Drain::default();
+        let (sink, done) = (drain.text.clone(), drain.done.clone());
+        thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            while let Ok(n) = from.read(&mut buf) {
+                if n == 0 {
+                    break;
+                }
+                sink.lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .extend_from_slice(&buf[..n]);
+            }
+            done.store(true, Ordering::SeqCst);
+        });
+        drain
+    }
+
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.text.lock().unwrap_or_else(|e| e.into_inner())).into_owned()
+    }
+
+    /// The whole output, once the pipe is closed (the child has exited).
+    fn finish(&self) -> String {
+        poll_until("a child's output pipe to close", || {
+            self.done.load(Ordering::SeqCst).then_some(())
+        });
+        self.text()
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Redis
+
+/// A `redis-server` of our own on a free loopback port, with persistence
+/// off; killed on drop.
+pub struct Redis {
+    port: u16,
+    child: Option<Child>,
+}
+
+impl Redis {
+    /// Starts a redis-server and waits until it answers PING.
+    pub fn start() -> Redis {
+        let mut last = String::new();
+        // A port picked by `free_port` can still be taken by someone else
+        // before redis binds it: try a few.
+        for _ in 0..3 {
+            let port = free_port();
+            match Self::spawn(port) {
+                Ok(child) => {
+                    return Redis {
+                        port,
+                        child: Some(child),
+                    }
+                }
+                Err(e) => last = e,
+            }
+        }
+        panic!("cannot start redis-server: {last}");
+    }
+
+    fn spawn(port: u16) -> Result<Child, String> {
+        let mut child = Command::new("redis-server")
+            .args(["--port", &port.to_string()])
+            .args(["--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .map_err(|e| format!("spawn redis-server: {e}"))?;
+        let out = Drain::spawn(child.stdout.take().expect("piped stdout"));
+        Drain::spawn(child.stderr.take().expect("piped stderr"));
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "redis-server on port {port} exited ({status}): {}",
+                    out.text()
+                ));
+            }
+            if ping(port) {
+                return Ok(child);
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                return Err(format!("redis-server on port {port} never answered PING"));
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// The port it listens on (kept across [`Redis::restart_same_port`]).
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://127.0.0.1:<port>/0`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/0", self.port)
+    }
+
+    /// A fresh direct connection (the redis crate's sync client).
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url())
+            .and_then(|c| c.get_connection())
+            .unwrap_or_else(|e| panic!("connect to redis at {}: {e}", self.url()))
+    }
+
+    /// Runs one command directly against Redis and returns its reply.
+    pub fn cmd(&self, args: &[&[u8]]) -> redis::Value {
+        let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("command name"));
+        for arg in &args[1..] {
+            cmd.arg(*arg);
+        }
+        cmd.query(&mut self.conn())
+            .unwrap_or_else(|e| panic!("redis {:?}: {e}", String::from_utf8_lossy(args[0])))
+    }
+
+    /// `SET key value` directly in Redis.
+    pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        redis::cmd("SET")
+            .arg(key.as_ref())
+            .arg(value.as_ref())
+            .exec(&mut self.conn())
+            .expect("redis SET");
+    }
+
+    /// `DEL key` directly in Redis.
+    pub fn del(&self, key: impl AsRef<[u8]>) {
+        redis::cmd("DEL")
+            .arg(key.as_ref())
+            .exec(&mut self.conn())
+            .expect("redis DEL");
+    }
+
+    /// `RPUSH key value`: makes `key` a list (for WRONGTYPE).
+    pub fn rpush(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
+        redis::cmd("RPUSH")
+            .arg(key.as_ref())
+            .arg(value.as_ref())
+            .exec(&mut self.conn())
+            .expect("redis RPUSH");
+    }
+
+    /// Whether the server is running (as far as this handle knows).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
+    }
+
+    /// Kills the server and waits until its port refuses connections.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let port = self.port;
+        poll_until("stopped redis to refuse connections", || {
+            TcpStream::connect(("127.0.0.1", port))
+                .is_err()
+                .then_some(())
+        });
+    }
+
+    /// Starts a new, empty server on the same port (after [`Redis::stop`]).
+    pub fn restart_same_port(&mut self) {
+        self.stop();
+        let child = Self::spawn(self.port)
+            .unwrap_or_else(|e| panic!("restart redis-server on the same port: {e}"));
+        self.child = Some(child);
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Whether something on `port` answers a RESP PING with `+PONG`.
+pub fn ping(port: u16) -> bool {
+    let attempt = || -> io::Result<bool> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+        let mut buf = [0u8; 7];
+        s.read_exact(&mut buf)?;
+        Ok(&buf == b"+PONG\r\n")
+    };
+    attempt().unwrap_or(false)
+}
+
+// ---------------------------------------------------------------------------
+// The proxy binary
+
+/// A running `redis-proxy` process; killed on drop.
+pub struct Proxy {
+    child: Child,
+    port: u16,
+    resp_port: Option<u16>,
+    stderr: Drain,
+}
+
+/// How to start (or merely run) the binary. Always sets `PROXY_PORT` to a
+/// free port and `REDIS_URL` (default: a port nothing listens on), after
+/// removing every variable the binary reads from the inherited environment.
+pub struct ProxyBuilder {
+    redis_url: String,
+    env: Vec<(String, String)>,
+    args: Vec<String>,
+    resp: bool,
+}
+
+/// How a run of the binary ended.
+#[derive(Debug)]
+pub struct Exit {
+    pub status: ExitStatus,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Exit {
+    /// The non-empty stderr lines.
+    pub fn stderr_lines(&self) -> Vec<&str> {
+        self.stderr
+            .lines()
+            .filter(|l| !l.trim().is_empty())
+            .collect()
+    }
+}
+
+impl Proxy {
+    /// Starts the proxy in front of `redis` with extra environment variables,
+    /// and waits until `GET /-/healthy` answers 200.
+    pub fn start(redis: &Redis, env: &[(&str, &str)]) -> Proxy {
+        Proxy::builder().redis(redis).envs(env).start()
+    }
+
+    /// [`Proxy::start`] with command-line flags too.
+    pub fn start_with_args(redis: &Redis, env: &[(&str, &str)], args: &[&str]) -> Proxy {
+        Proxy::builder().redis(redis).envs(env).args(args).start()
+    }
+
+    /// A builder for anything else (no Redis, RESP port, running to exit).
+    pub fn builder() -> ProxyBuilder {
+        ProxyBuilder {
+            // Port 1 on loopback: nothing listens there, connects are refused.
+            redis_url: "redis://127.0.0.1:1/0".into(),
+            env: Vec::new(),
+            args: Vec::new(),
+            resp: false,
+        }
+    }
+
+    /// The HTTP port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The RESP port, when started with [`ProxyBuilder::resp`].
+    pub fn resp_port(&self) -> Option<u16> {
+        self.resp_port
+    }
+
+    /// A new keep-alive HTTP connection to the proxy.
+    pub fn http(&self) -> Http {
+        Http::connect(self.port)
+    }
+
+    /// `GET target` on a new connection.
+    pub fn get(&self, target: &str) -> Response {
+        self.http().get(target)
+    }
+
+    /// What the proxy wrote to stderr so far (its log), for failure messages.
+    pub fn logs(&self) -> String {
+        self.stderr.text()
+    }
+
+    /// Whether the process is still running.
+    pub fn is_running(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl ProxyBuilder {
+    /// Points the proxy at `redis`.
+    pub fn redis(self, redis: &Redis) -> Self {
+        self.redis_url(redis.url())
+    }
+
+    /// Sets `REDIS_URL`.
+    pub fn redis_url(mut self, url: impl Into<String>) -> Self {
+        self.redis_url = url.into();
+        self
+    }
+
+    /// Adds one environment variable (set after the defaults, so it wins).
+    pub fn env(mut self, name: &str, value: &str) -> Self {
+        self.env.push((name.into(), value.into()));
+        self
+    }
+
+    /// Adds environment variables.
+    pub fn envs(mut self, env: &[(&str, &str)]) -> Self {
+        for (k, v) in env {
+            self = self.env(k, v);
+        }
+        self
+    }
+
+    /// Adds command-line flags.
+    pub fn args(mut self, args: &[&str]) -> Self {
+        self.args.extend(args.iter().map(|a| a.to_string()));
+        self
+    }
+
+    /// Also opens the Redis-protocol front end on a free `RESP_PORT`;
+    /// [`ProxyBuilder::start`] then waits for it to accept connections too.
+    pub fn resp(mut self) -> Self {
+        self.resp = true;
+        self
+    }
+
+    fn command(&self, port: u16, resp_port: Option<u16>) -> Command {
+        let mut cmd = Command::new(BIN);
+        for name in PROXY_ENV {
+            cmd.env_remove(name);
+        }
+        cmd.env("PROXY_PORT", port.to_string())
+            .env("REDIS_URL", &self.redis_url)
+            .env("RUST_LOG", "warn");
+        if let Some(resp_port) = resp_port {
+            cmd.env("RESP_PORT", resp_port.to_string());
+        }
+        for (k, v) in &self.env {
+            cmd.env(k, v);
+        }
+        cmd.args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        cmd
+    }
+
+    /// Spawns the binary and waits until `GET /-/healthy` is 200 (and the
+    /// RESP port accepts, when asked); panics with its stderr if it exits.
+    pub fn start(self) -> Proxy {
+        let port = free_port();
+        let resp_port = self.resp.then(free_port);
+        let mut child = self
+            .command(port, resp_port)
+            .spawn()
+            .expect("spawn redis-proxy");
+        let stderr = Drain::spawn(child.stderr.take().expect("piped stderr"));
+        Drain::spawn(child.stdout.take().expect("piped stdout"));
+        let mut proxy = Proxy {
+            child,
+            port,
+            resp_port,
+            stderr,
+        };
+        let end = Instant::now() + DEADLINE;
+        loop {
+            if let Ok(Some(status)) = proxy.child.try_wait() {
+                panic!(
+                    "redis-proxy exited during startup ({status}); stderr:\n{}",
+                    proxy.logs()
+                );
+            }
+            let http_up = Http::try_connect(port)
+                .and_then(|mut c| c.request("GET", "/-/healthy", &[]))
+                .is_ok_and(|r| r.status == 200);
+            let resp_up = resp_port.is_none_or(|p| TcpStream::connect(("127.0.0.1", p)).is_ok());
+            if http_up && resp_up {
+                return proxy;
+            }
+            if Instant::now() >= end {
+                panic!(
+                    "redis-proxy not healthy on port {port} within {DEADLINE:?}; stderr:\n{}",
+                    proxy.logs()
+                );
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// Runs the binary to completion (for settings it must refuse); kills it
+    /// and panics if it is still running after [`DEADLINE`].
+    pub fn run_to_exit(self) -> Exit {
+        let mut child = self
+            .command(free_port(), None)
+            .spawn()
+            .expect("spawn redis-proxy");
+        let stderr = Drain::spawn(child.stderr.take().expect("piped stderr"));
+        let stdout = Drain::spawn(child.stdout.take().expect("piped stdout"));
+        let end = Instant::now() + DEADLINE;
+        let status = loop {
+            if let Some(status) = child.try_wait().expect("wait for redis-proxy") {
+                break status;
+            }
+            if Instant::now() >= end {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "redis-proxy still running after {DEADLINE:?}; stderr:\n{}",
+                    stderr.text()
+                );
+            }
+            thread::sleep(POLL);
+        };
+        Exit {
+            status,
+            stdout: stdout.finish(),
+            stderr: stderr.finish(),
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------
+// A raw HTTP/1.1 client
+
+/// One parsed HTTP response.
+pub struct Response {
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header called `name` (case-insensitive).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// Every header called `name`.
+    pub fn headers_named(&self, name: &str) -> Vec<&str> {
+        self.headers
+            .iter()
+            .filter(|(n, _)| n.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+            .collect()
+    }
+
+    /// `X-Cache`, if present.
+    pub fn x_cache(&self) -> Option<&str> {
+        self.header("x-cache")
+    }
+
+    /// `Content-Type`, if present.
+    pub fn content_type(&self) -> Option<&str> {
+        self.header("content-type")
+    }
+
+    /// The body parsed as JSON; panics (showing the body) if it is not.
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {self:?}"))
+    }
+
+    /// The body as (lossy) text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+impl std::fmt::Debug for Response {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let body = if self.body.len() > 300 {
+            format!(
+                "{}... ({} bytes)",
+                String::from_utf8_lossy(&self.body[..300]),
+                self.body.len()
+            )
+        } else {
+            String::from_utf8_lossy(&self.body).into_owned()
+        };
+        f.debug_struct("Response")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &body)
+            .finish()
+    }
+}
+
+/// One client connection speaking raw HTTP/1.1 (keep-alive by default).
+/// Reads give up after [`DEADLINE`], so a hung proxy fails the test.
+pub struct Http {
+    stream: TcpStream,
+    /// Bytes read but not yet consumed by a response.
+    buf: Vec<u8>,
+}
+
+impl Http {
+    /// Connects to the proxy on `port`; panics on failure.
+    pub fn connect(port: u16) -> Http {
+        Http::try_connect(port).unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"))
+    }
+
+    /// Connects to `port`.
+    pub fn try_connect(port: u16) -> io::Result<Http> {
+        let stream = TcpStream::connect(("127.0.0.1", port))?;
+        stream.set_read_timeout(Some(DEADLINE))?;
+        stream.set_write_timeout(Some(DEADLINE))?;
+        stream.set_nodelay(true)?;
+        Ok(Http {
+            stream,
+            buf: Vec::new(),
+        })
+    }
+
+    /// Writes raw bytes.
+    pub fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Writes one request (no body) with `Host` and the given headers.
+    pub fn write_request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<()> {
+        let mut req = format!("{method} {target} HTTP/1.1\r\nHost: 127.0.0.1\r\n");
+        for (name, value) in headers {
+            req.push_str(&format!("{name}: {value}\r\n"));
+        }
+        req.push_str("\r\n");
+        self.send(req.as_bytes())
+    }
+
+    /// Sends one request and reads its response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        target: &str,
+        headers: &[(&str, &str)],
+    ) -> io::Result<Response> {
+        self.write_request(method, target, headers)?;
+        self.read_response(method == "HEAD")
+    }
+
+    /// `GET target`; panics on I/O errors.
+    pub fn get(&mut self, target: &str) -> Response {
+        self.request("GET", target, &[])
+            .unwrap_or_else(|e| panic!("GET {}: {e}", shorten(target)))
+    }
+
+    /// `GET target` with headers; panics on I/O errors.
+    pub fn get_with(&mut self, target: &str, headers: &[(&str, &str)]) -> Response {
+        self.request("GET", target, headers)
+            .unwrap_or_else(|e| panic!("GET {}: {e}", shorten(target)))
+    }
+
+    /// `HEAD target`; panics on I/O errors. The response is read without a
+    /// body whatever Content-Length says; a body sent anyway would show up as
+    /// garbage in front of the next response on this connection.
+    pub fn head(&mut self, target: &str) -> Response {
+        self.request("HEAD", target, &[])
+            .unwrap_or_else(|e| panic!("HEAD {}: {e}", shorten(target)))
+    }
+
+    fn fill(&mut self) -> io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads one response. `head`: the request was HEAD, so there is no body.
+    pub fn read_response(&mut self, head: bool) -> io::Result<Response> {
+        let head_end = loop {
+            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
+                break i;
+            }
+            if self.fill()? == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!(
+                        "connection closed before a full response head; got {:?}",
+                        String::from_utf8_lossy(&self.buf)
+                    ),
+                ));
+            }
+        };
+        let head_text = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
+        let mut lines = head_text.split("\r\n");
+        let status_line = lines.next().unwrap_or_default();
+        let bad =
+            |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{why}: {head_text:?}"));
+        let mut parts = status_line.splitn(3, ' ');
+        if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
+            return Err(bad("not an HTTP/1.x status line"));
+        }
+        let status: u16 = parts
+            .next()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(|| bad("bad status code"))?;
+        let mut headers = Vec::new();
+        for line in lines {
+            let (name, value) = line.split_once(':').ok_or_else(|| bad("bad header line"))?;
+            headers.push((name.trim().to_string(), value.trim().to_string()));
+        }
+        self.buf.drain(..head_end + 4);
+        let length = headers
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+            .map(|(_, v)| v.parse::<usize>())
+            .transpose()
+            .map_err(|_| bad("bad Content-Length"))?;
+        let body = if head || status == 204 || status == 304 || (100..200).contains(&status) {
+            Vec::new()
+        } else if let Some(length) = length {
+            while self.buf.len() < length {
+                if self.fill()? == 0 {
+                    return Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        "connection closed inside a response body",
+                    ));
+                }
+            }
+            self.buf.drain(..length).collect()
+        } else {
+            // No length: the body runs to the end of the connection.
+            while self.fill()? > 0 {}
+            std::mem::take(&mut self.buf)
+        };
+        Ok(Response {
+            status,
+            headers,
+            body,
+        })
+    }
+
+    /// Waits up to `deadline` for the server to close the connection (EOF or
+    /// reset). Returns the bytes that arrived first, or `None` if it is
+    /// still open at the deadline.
+    pub fn wait_closed(&mut self, deadline: Duration) -> Option<Vec<u8>> {
+        let end = Instant::now() + deadline;
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                return None;
+            }
+            self.stream.set_read_timeout(Some(left)).ok();
+            match self.fill() {
+                Ok(0) => return Some(std::mem::take(&mut self.buf)),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return None
+                }
+                // Reset or similar: closed as well.
+                Err(_) => return Some(std::mem::take(&mut self.buf)),
+            }
+        }
+    }
+
+    /// Bytes received but not consumed by any response.
+    pub fn leftover(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Closes our sending side (the server sees EOF).
+    pub fn shutdown_write(&self) {
+        let _ = self.stream.shutdown(Shutdown::Write);
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+fn shorten(s: &str) -> String {
+    if s.len() > 80 {
+        format!("{}... ({} bytes)", &s[..80], s.len())
+    } else {
+        s.to_string()
+    }
+}
+
+/// Percent-encodes every byte except unreserved characters
+/// (`A-Z a-z 0-9 - . _ ~`), so any byte string becomes a request path segment.
+pub fn pct(bytes: impl AsRef<[u8]>) -> String {
+    let mut out = String::new();
+    for &b in bytes.as_ref() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
