@@ -1,0 +1,584 @@
+#!/usr/bin/env bash
+# One loopback benchmark run of redis-proxy against its reference points:
+#
+#   (a) proxy, cache hits          (b) proxy, CACHE_CAPACITY=0 (every GET goes to Redis)
+#   (c) webdis (GET/key.txt)       (d) examples/bare_http (the may_minihttp floor)
+#   (e) proxy, hits, CACHE_INVALIDATION=tracking
+#   (f) redis-benchmark -t get: proxy RESP port vs redis-server, at -P 1 and -P 16
+#   (g) 10,000 idle keep-alive connections held open: others still served? proxy RSS?
+#
+# (a)-(e) run with wrk --latency, a Lua script rotating over the hot key set, in
+# BENCH_ROUNDS alternating rounds (a b c d e a b c d e ...); the table shows the
+# mean over rounds (BENCH_AGG=best: the round with the most requests/s).
+# Everything binds 127.0.0.1 and free ports; nothing else on the machine is touched.
+#
+# Settings (environment):
+#   BENCH_DURATION=5s    wrk duration of one measurement
+#   BENCH_CONNS=64       wrk connections        BENCH_THREADS=<nproc, at most 4> wrk threads
+#   BENCH_ROUNDS=2       alternating rounds     BENCH_AGG=mean|best
+#   BENCH_KEYS=1000      hot keys key:0..N-1    BENCH_VALUE_BYTES=100
+#   BENCH_RB_REQUESTS=200000  redis-benchmark requests at -P 1 (x10 at -P 16)
+#   BENCH_RB_CONNS=50    redis-benchmark clients
+#   BENCH_IDLE_CONNS=10000  idle connections in (g)   BENCH_IDLE_HOLD=20 seconds held at most
+#   BENCH_SKIP_BUILD=1   use the binaries already in target/release
+#   PROXY_WORKERS        passed to every proxy and to bare_http (default: number of CPUs)
+#   BENCH_KEEP=1         keep the temporary directory (logs, raw wrk output)
+set -euo pipefail
+
+root="$(cd "$(dirname "$0")/.." && pwd)"
+cd "$root"
+
+DURATION=${BENCH_DURATION:-5s}
+CONNS=${BENCH_CONNS:-64}
+NPROC=$(nproc)
+THREADS=${BENCH_THREADS:-$((NPROC < 4 ? NPROC : 4))}
+ROUNDS=${BENCH_ROUNDS:-2}
+AGG=${BENCH_AGG:-mean}
+NKEYS=${BENCH_KEYS:-1000}
+VBYTES=${BENCH_VALUE_BYTES:-100}
+RB_N=${BENCH_RB_REQUESTS:-200000}
+RB_C=${BENCH_RB_CONNS:-50}
+IDLE_CONNS=${BENCH_IDLE_CONNS:-10000}
+IDLE_HOLD=${BENCH_IDLE_HOLD:-20}
+case "$AGG" in mean | best) ;; *)
+  echo "bench: BENCH_AGG must be mean or best" >&2
+  exit 2
+  ;;
+esac
+
+say() { echo "bench: $*" >&2; }
+
+LOAD_START=$(cut -d' ' -f1-3 /proc/loadavg)
+tmp=$(mktemp -d "${TMPDIR:-/tmp}/redis-proxy-bench.XXXXXX")
+pids=()
+cleanup() {
+  local pid
+  for pid in "${pids[@]}"; do
+    kill "$pid" 2>/dev/null || true
+  done
+  for pid in "${pids[@]}"; do
+    # Bounded: a process that ignores SIGTERM gets SIGKILL after ~3 s.
+    for _ in $(seq 1 30); do
+      kill -0 "$pid" 2>/dev/null || break
+      sleep 0.1
+    done
+    kill -9 "$pid" 2>/dev/null || true
+  done
+  if [ "${BENCH_KEEP:-}" = 1 ]; then
+    say "kept $tmp"
+  else
+    rm -rf "$tmp"
+  fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- setup
+ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
+NOFILE=$(ulimit -n)
+
+"$root/scripts/deps.sh" wrk webdis
+for tool in wrk webdis redis-server redis-cli redis-benchmark python3 curl; do
+  command -v "$tool" >/dev/null 2>&1 || {
+    say "$tool not found"
+    exit 1
+  }
+done
+
+if [ "${BENCH_SKIP_BUILD:-}" != 1 ]; then
+  say "cargo build --release --examples --bins"
+  cargo build --release --examples --bins 2>"$tmp/build.log" || {
+    tail -30 "$tmp/build.log" >&2
+    exit 1
+  }
+fi
+PROXY="$root/target/release/redis-proxy"
+BARE="$root/target/release/examples/bare_http"
+[ -x "$PROXY" ] && [ -x "$BARE" ] || {
+  say "missing $PROXY or $BARE"
+  exit 1
+}
+
+# Distinct free loopback ports, all reserved at once so they differ.
+read -r P_REDIS P_HIT P_HIT_RESP P_MISS P_TRACK P_BARE P_WEBDIS P_IDLE < <(python3 - <<'EOF'
+import socket
+socks = []
+for _ in range(8):
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    socks.append(s)
+print(" ".join(str(s.getsockname()[1]) for s in socks))
+EOF
+)
+
+# Waits until `probe` succeeds; fails naming the process and its log otherwise.
+wait_up() {
+  local name=$1 pid=$2 log=$3
+  shift 3
+  for _ in $(seq 1 100); do
+    if "$@" >/dev/null 2>&1; then
+      return 0
+    fi
+    if ! kill -0 "$pid" 2>/dev/null; then
+      say "$name exited during start; log:"
+      tail -20 "$log" >&2
+      exit 1
+    fi
+    sleep 0.1
+  done
+  say "$name did not come up; log:"
+  tail -20 "$log" >&2
+  exit 1
+}
+
+# --- redis-server, no persistence
+redis-server --bind 127.0.0.1 --port "$P_REDIS" --save "" --appendonly no \
+  --daemonize no --maxclients 20000 --logfile "$tmp/redis.log" &
+REDIS_PID=$!
+PID_redis=$REDIS_PID
+pids+=("$REDIS_PID")
+wait_up redis-server "$REDIS_PID" "$tmp/redis.log" redis-cli -p "$P_REDIS" ping
+RCLI=(redis-cli -h 127.0.0.1 -p "$P_REDIS")
+
+# --- seed key:0..N-1 with VBYTES-byte values, plus redis-benchmark's literal key
+python3 - "$NKEYS" "$VBYTES" >"$tmp/seed.resp" <<'EOF'
+import sys
+n, size = int(sys.argv[1]), int(sys.argv[2])
+out = sys.stdout.buffer
+def cmd(*args):
+    out.write(b"*%d\r\n" % len(args))
+    for a in args:
+        out.write(b"$%d\r\n%s\r\n" % (len(a), a))
+for i in range(n):
+    key = b"key:%d" % i
+    cmd(b"SET", key, (key + b"=").ljust(size, b"v")[:size])
+cmd(b"SET", b"key:__rand_int__", b"r" * size)
+EOF
+"${RCLI[@]}" --pipe <"$tmp/seed.resp" >"$tmp/seed.log"
+seeded=$("${RCLI[@]}" dbsize)
+say "redis-server pid $REDIS_PID on 127.0.0.1:$P_REDIS, $seeded keys of $VBYTES bytes"
+
+# --- the proxies
+start_proxy() { # name port [VAR=value...]
+  local name=$1 port=$2
+  shift 2
+  env REDIS_URL="redis://127.0.0.1:$P_REDIS/0" PROXY_HOST=127.0.0.1 PROXY_PORT="$port" \
+    PROXY_SHUTDOWN_GRACE_MS=200 "$@" "$PROXY" >"$tmp/$name.log" 2>&1 &
+  local pid=$!
+  pids+=("$pid")
+  wait_up "$name" "$pid" "$tmp/$name.log" curl -sf "http://127.0.0.1:$port/-/healthy"
+  eval "PID_${name}=$pid"
+}
+start_proxy hit "$P_HIT" RESP_PORT="$P_HIT_RESP" CACHE_CAPACITY=1000000
+start_proxy miss "$P_MISS" CACHE_CAPACITY=0
+start_proxy track "$P_TRACK" CACHE_CAPACITY=1000000 CACHE_INVALIDATION=tracking
+
+# --- the bare responder, answering with a hit's exact bytes for key:0
+"${RCLI[@]}" --raw get key:0 | head -c "$VBYTES" >"$tmp/value.bin"
+BARE_PORT="$P_BARE" BARE_VALUE_FILE="$tmp/value.bin" "$BARE" >"$tmp/bare.log" 2>&1 &
+PID_bare=$!
+pids+=("$PID_bare")
+wait_up bare_http "$PID_bare" "$tmp/bare.log" curl -sf "http://127.0.0.1:$P_BARE/x"
+
+# --- webdis (foreground, no log file, no ACL: a plain HTTP->GET path)
+cat >"$tmp/webdis.json" <<EOF
+{
+  "redis_host": "127.0.0.1",
+  "redis_port": $P_REDIS,
+  "redis_auth": null,
+  "http_host": "127.0.0.1",
+  "http_port": $P_WEBDIS,
+  "threads": 2,
+  "pool_size": 20,
+  "daemonize": false,
+  "database": 0,
+  "verbosity": 0,
+  "logfile": "$tmp/webdis-own.log"
+}
+EOF
+webdis "$tmp/webdis.json" >"$tmp/webdis.log" 2>&1 &
+PID_webdis=$!
+pids+=("$PID_webdis")
+wait_up webdis "$PID_webdis" "$tmp/webdis.log" curl -sf "http://127.0.0.1:$P_WEBDIS/GET/key:0.txt"
+
+# Sanity: every HTTP target answers key:0 with the same body.
+want=$(cat "$tmp/value.bin")
+for url in "http://127.0.0.1:$P_HIT/key:0" "http://127.0.0.1:$P_MISS/key:0" \
+  "http://127.0.0.1:$P_TRACK/key:0" "http://127.0.0.1:$P_BARE/key:0" \
+  "http://127.0.0.1:$P_WEBDIS/GET/key:0.txt"; do
+  got=$(curl -s "$url")
+  if [ "$got" != "$want" ]; then
+    say "WARNING: $url answered a different body: ${got:0:120}"
+  fi
+done
+
+# ---------------------------------------------------------------- wrk
+cat >"$tmp/rotate.lua" <<'EOF'
+-- Rotates over key:0..N-1, each wrk thread from its own offset; the request
+-- strings are built once per thread. BENCH_PREFIX/BENCH_SUFFIX shape the path.
+local n = tonumber(os.getenv("BENCH_KEYS") or "1000")
+local prefix = os.getenv("BENCH_PREFIX") or "/"
+local suffix = os.getenv("BENCH_SUFFIX") or ""
+local threads = 0
+local reqs = {}
+local i = 0
+
+function setup(thread)
+  thread:set("tid", threads)
+  threads = threads + 1
+end
+
+function init(args)
+  for k = 0, n - 1 do
+    reqs[k + 1] = wrk.format("GET", prefix .. "key:" .. k .. suffix)
+  end
+  i = ((tid or 0) * 7919) % n
+end
+
+function request()
+  i = i + 1
+  if i > n then i = 1 end
+  return reqs[i]
+end
+
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH rps=%.1f p50_us=%d p99_us=%d requests=%d non2xx=%d sockerr=%d\n",
+    summary.requests / (summary.duration / 1e6),
+    latency:percentile(50), latency:percentile(99), summary.requests,
+    e.status, e.connect + e.read + e.write + e.timeout))
+end
+EOF
+
+dur_secs() { # wrk duration (5, 5s, 2m, 1h) -> seconds
+  case "$1" in
+    *h) echo $((${1%h} * 3600)) ;;
+    *m) echo $((${1%m} * 60)) ;;
+    *s) echo "${1%s}" ;;
+    *) echo "$1" ;;
+  esac
+}
+
+# run_wrk out-file base-url prefix suffix duration conns
+run_wrk() {
+  local out=$1 url=$2 prefix=$3 suffix=$4 dur=$5 conns=$6
+  BENCH_KEYS=$NKEYS BENCH_PREFIX=$prefix BENCH_SUFFIX=$suffix \
+    timeout $(($(dur_secs "$dur") + 30)) \
+    wrk -t "$THREADS" -c "$conns" -d "$dur" --latency -s "$tmp/rotate.lua" "$url" >"$out" 2>&1 || true
+  grep '^BENCH ' "$out" || echo "BENCH rps=0 p50_us=0 p99_us=0 requests=0 non2xx=0 sockerr=-1"
+}
+
+metric() { # port name -> value of an unlabelled counter, or 0
+  { curl -s "http://127.0.0.1:$1/-/metrics" || true; } | awk -v n="redis_proxy_$2" '$1 == n { print $2; f = 1 } END { if (!f) print 0 }'
+}
+
+declare -A URL PREFIX SUFFIX PORT
+URL[a]="http://127.0.0.1:$P_HIT"
+URL[b]="http://127.0.0.1:$P_MISS"
+URL[c]="http://127.0.0.1:$P_WEBDIS"
+URL[d]="http://127.0.0.1:$P_BARE"
+URL[e]="http://127.0.0.1:$P_TRACK"
+for t in a b d e; do PREFIX[$t]="/" SUFFIX[$t]=""; done
+PREFIX[c]="/GET/"
+SUFFIX[c]=".txt"
+PORT[a]=$P_HIT PORT[b]=$P_MISS PORT[e]=$P_TRACK
+declare -A TPID=([a]=$PID_hit [b]=$PID_miss [c]=$PID_webdis [d]=$PID_bare [e]=$PID_track)
+alive() { kill -0 "$1" 2>/dev/null; }
+# A measurement of a dead target is skipped (and reported) rather than timed out.
+DEAD="BENCH rps=0 p50_us=0 p99_us=0 requests=0 non2xx=0 sockerr=0 dead=1"
+declare -A NAME=([a]="proxy hits" [b]="proxy all-miss" [c]="webdis" [d]="bare may_minihttp" [e]="proxy hits, tracking")
+
+# Warm-up: fills the two caching proxies with every hot key and warms every target.
+say "warm-up (1s each)"
+for t in a b c d e; do
+  alive "${TPID[$t]}" || continue
+  run_wrk "$tmp/warm-$t.txt" "${URL[$t]}" "${PREFIX[$t]}" "${SUFFIX[$t]}" 1s "$CONNS" >/dev/null
+done
+
+declare -A SAMPLES HITS MISSES
+for t in a e; do
+  HITS[$t]=0 MISSES[$t]=0
+done
+for r in $(seq 1 "$ROUNDS"); do
+  for t in a b c d e; do
+    if ! alive "${TPID[$t]}"; then
+      SAMPLES[$t]+="$DEAD"$'\n'
+      say "round $r ${NAME[$t]}: not running any more, skipped"
+      continue
+    fi
+    if [ -n "${PORT[$t]:-}" ]; then
+      h0=$(metric "${PORT[$t]}" cache_hits_total)
+      m0=$(metric "${PORT[$t]}" cache_misses_total)
+    fi
+    line=$(run_wrk "$tmp/wrk-$t-$r.txt" "${URL[$t]}" "${PREFIX[$t]}" "${SUFFIX[$t]}" "$DURATION" "$CONNS")
+    if [ -n "${PORT[$t]:-}" ] && [ -n "${HITS[$t]:-}" ]; then
+      h1=$(metric "${PORT[$t]}" cache_hits_total)
+      m1=$(metric "${PORT[$t]}" cache_misses_total)
+      HITS[$t]=$((HITS[$t] + h1 - h0))
+      MISSES[$t]=$((MISSES[$t] + m1 - m0))
+    fi
+    SAMPLES[$t]+="$line"$'\n'
+    say "round $r ${NAME[$t]}: ${line#BENCH }"
+  done
+done
+
+# agg t -> "rps p50_ms p99_ms rps_min rps_max non2xx sockerr"
+agg() {
+  printf '%s' "${SAMPLES[$1]}" | awk -v agg="$AGG" '
+    /dead=1/ { dead++; next }
+    /^BENCH/ {
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      n++; rps += v["rps"]; p50 += v["p50_us"]; p99 += v["p99_us"]
+      non += v["non2xx"]; err += v["sockerr"]
+      if (n == 1 || v["rps"] > best) { best = v["rps"]; b50 = v["p50_us"]; b99 = v["p99_us"] }
+      if (n == 1 || v["rps"] < lo) lo = v["rps"]
+    }
+    END {
+      if (n == 0) { print "0 0 0 0 0 0 0", dead + 0; exit }
+      if (agg == "best") printf "%.0f %.3f %.3f %.0f %.0f %d %d %d\n", best, b50/1000, b99/1000, lo, best, non, err, dead
+      else printf "%.0f %.3f %.3f %.0f %.0f %d %d %d\n", rps/n, p50/n/1000, p99/n/1000, lo, best, non, err, dead
+    }'
+}
+declare -A RPS P50 P99 LO HI NON ERR SKIP
+for t in a b c d e; do
+  read -r RPS[$t] P50[$t] P99[$t] LO[$t] HI[$t] NON[$t] ERR[$t] SKIP[$t] < <(agg "$t")
+done
+
+# ---------------------------------------------------------------- redis-benchmark
+LOAD_MID=$(cut -d' ' -f1-3 /proc/loadavg)
+"${RCLI[@]}" -p "$P_HIT_RESP" get key:__rand_int__ >/dev/null # warm the proxy's cache
+rb() { # port pipeline requests -> "rps p50_ms p99_ms"
+  timeout 120 redis-benchmark -h 127.0.0.1 -p "$1" -t get -P "$2" -n "$3" -c "$RB_C" --csv 2>>"$tmp/rb.err" |
+    awk -F, '/^"GET/ { gsub(/"/, ""); print $2, $5, $7; f = 1 } END { if (!f) print "0 0 0" }'
+}
+rb_h0=$(metric "$P_HIT" cache_hits_total)
+rb_m0=$(metric "$P_HIT" cache_misses_total)
+declare -A RB
+for p in 1 16; do
+  n=$RB_N
+  [ "$p" = 16 ] && n=$((RB_N * 10))
+  for r in $(seq 1 "$ROUNDS"); do
+    for side in proxy redis; do
+      port=$P_HIT_RESP pid=$PID_hit
+      [ "$side" = redis ] && port=$P_REDIS pid=$PID_redis
+      if ! alive "$pid"; then
+        say "round $r redis-benchmark -P $p $side: not running any more, skipped"
+        continue
+      fi
+      read -r rps p50 p99 < <(rb "$port" "$p" "$n")
+      say "round $r redis-benchmark -P $p $side: rps=$rps p50=${p50}ms p99=${p99}ms"
+      RB[$side.$p]+="$rps $p50 $p99"$'\n'
+    done
+  done
+done
+rbagg() {
+  printf '%s' "${RB[$1]}" | awk -v agg="$AGG" '
+    NF == 3 && $1 > 0 { n++; s += $1; a += $2; b += $3; if ($1 > best) { best = $1; ba = $2; bb = $3 } }
+    END {
+      if (n == 0) { print "0 0 0"; exit }
+      if (agg == "best") printf "%.0f %.3f %.3f\n", best, ba, bb
+      else printf "%.0f %.3f %.3f\n", s/n, a/n, b/n
+    }'
+}
+rb_hits=$(($(metric "$P_HIT" cache_hits_total) - rb_h0))
+rb_misses=$(($(metric "$P_HIT" cache_misses_total) - rb_m0))
+
+# ---------------------------------------------------------------- idle connections
+say "idle test: $IDLE_CONNS keep-alive connections (nofile limit $NOFILE)"
+start_proxy idle "$P_IDLE" PROXY_MAX_CLIENTS=20000 PROXY_IDLE_TIMEOUT_MS=300000 CACHE_CAPACITY=1000000
+rss_kb() { awk '/^VmRSS:/ { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+curl -s "http://127.0.0.1:$P_IDLE/key:0" >/dev/null
+IDLE_RSS0=$(rss_kb "$PID_idle")
+
+cat >"$tmp/idle.py" <<'EOF'
+# Opens N keep-alive connections in batches, sends one GET on each and reads
+# its answer, then holds them all idle until `release` appears (or HOLD s),
+# and finally counts how many the server kept open.
+import os, selectors, socket, sys, time
+port, n, hold, release = int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), sys.argv[4]
+deadline = time.time() + 90
+socks, codes, fails = [], {}, 0
+sel = selectors.DefaultSelector()
+batch = 500
+i = 0
+while i < n and time.time() < deadline:
+    fresh = []
+    for _ in range(min(batch, n - i)):
+        i += 1
+        s = socket.socket()
+        s.settimeout(5)
+        try:
+            s.connect(("127.0.0.1", port))
+            s.sendall(b"GET /key:%d HTTP/1.1\r\nHost: bench\r\n\r\n" % (i % 1000))
+            s.setblocking(False)
+            fresh.append(s)
+        except OSError:
+            fails += 1
+            s.close()
+    pending = {}
+    for s in fresh:
+        sel.register(s, selectors.EVENT_READ)
+        pending[s] = b""
+    until = time.time() + 10
+    while pending and time.time() < until:
+        for key, _ in sel.select(timeout=0.5):
+            s = key.fileobj
+            try:
+                data = s.recv(4096)
+            except OSError:
+                data = b""
+            if not data:
+                codes["closed"] = codes.get("closed", 0) + 1
+                sel.unregister(s); s.close(); del pending[s]
+                continue
+            pending[s] += data
+            head, sep, _ = pending[s].partition(b"\r\n\r\n")
+            if sep:
+                code = head.split(b" ", 2)[1].decode() if b" " in head else "?"
+                codes[code] = codes.get(code, 0) + 1
+                sel.unregister(s); socks.append(s); del pending[s]
+    for s in pending:
+        codes["noanswer"] = codes.get("noanswer", 0) + 1
+        sel.unregister(s); socks.append(s)
+print("READY opened=%d answered=%s connect_failures=%d" % (len(socks), codes, fails), flush=True)
+end = time.time() + hold
+while time.time() < end and not os.path.exists(release):
+    time.sleep(0.2)
+alive = 0
+for s in socks:
+    try:
+        data = s.recv(1)
+        alive += 0 if data == b"" else 1
+    except BlockingIOError:
+        alive += 1
+    except OSError:
+        pass
+print("HELD still_open=%d of %d" % (alive, len(socks)), flush=True)
+EOF
+python3 "$tmp/idle.py" "$P_IDLE" "$IDLE_CONNS" "$IDLE_HOLD" "$tmp/idle.release" >"$tmp/idle.out" 2>&1 &
+PID_py=$!
+pids+=("$PID_py")
+for _ in $(seq 1 1000); do
+  grep -q '^READY' "$tmp/idle.out" 2>/dev/null && break
+  kill -0 "$PID_py" 2>/dev/null || break
+  sleep 0.1
+done
+IDLE_READY=$(grep '^READY' "$tmp/idle.out" || echo "READY not reached: $(tail -3 "$tmp/idle.out")")
+say "idle: ${IDLE_READY}"
+IDLE_CONNECTED=$(metric "$P_IDLE" clients_connected)
+IDLE_RSS1=$(rss_kb "$PID_idle")
+IDLE_FDS=$(ls "/proc/$PID_idle/fd" 2>/dev/null | wc -l)
+IDLE_WRK=$(run_wrk "$tmp/wrk-idle.txt" "http://127.0.0.1:$P_IDLE" / "" 3s "$CONNS")
+IDLE_RSS2=$(rss_kb "$PID_idle")
+IDLE_HWM=$(awk '/^VmHWM:/ { print $2 }' "/proc/$PID_idle/status" 2>/dev/null || echo 0)
+touch "$tmp/idle.release"
+for _ in $(seq 1 100); do
+  kill -0 "$PID_py" 2>/dev/null || break
+  sleep 0.1
+done
+IDLE_HELD=$(grep '^HELD' "$tmp/idle.out" || echo "HELD: no report")
+IDLE_ALIVE=$(kill -0 "$PID_idle" 2>/dev/null && echo yes || echo NO)
+
+# ---------------------------------------------------------------- health after the run
+problems=()
+for name in redis bare webdis; do
+  pidvar="PID_$name"
+  alive "${!pidvar}" || problems+=("$name is not running any more; log tail: $(tail -3 "$tmp/$name.log" | tr '\n' ' ')")
+done
+for name in hit miss track idle; do
+  pidvar="PID_$name"
+  if ! alive "${!pidvar}"; then
+    if grep -q 'shutting down' "$tmp/$name.log"; then
+      problems+=("proxy '$name' was stopped by a signal from outside this script: $(grep -m1 'shutting down' "$tmp/$name.log")")
+    else
+      problems+=("proxy '$name' is not running any more (crashed?); log tail: $(tail -5 "$tmp/$name.log" | tr '\n' ' ')")
+    fi
+  fi
+  # Log lines are "[time LEVEL target] message": count them by level, target and message.
+  if grep -qE 'panick|ERROR|WARN' "$tmp/$name.log"; then
+    problems+=("proxy '$name' log: $(grep -E 'panick|ERROR|WARN' "$tmp/$name.log" | sed -E 's/^\[[^ ]+ //' | sort | uniq -c | sort -rn | head -3 | tr -s ' \n' ' ')")
+  fi
+done
+for t in a b c d e; do
+  if [ "${SKIP[$t]}" != 0 ]; then
+    problems+=("${NAME[$t]}: ${SKIP[$t]} of $ROUNDS rounds skipped (target not running); figures are over the rest")
+  fi
+  if [ "${NON[$t]}" != 0 ] || [ "${ERR[$t]}" != 0 ]; then
+    problems+=("${NAME[$t]}: wrk saw ${NON[$t]} non-2xx/3xx responses and ${ERR[$t]} socket errors")
+  fi
+done
+if [ "${MISSES[a]}" != 0 ]; then problems+=("proxy hits: ${MISSES[a]} cache misses during the measured runs (expected 0)"); fi
+if [ "${MISSES[e]}" != 0 ]; then problems+=("proxy hits, tracking: ${MISSES[e]} cache misses during the measured runs (tracking may bypass the cache)"); fi
+read -r _ inon ierr < <(echo "$IDLE_WRK" | sed -E 's/.*requests=([0-9]+) non2xx=([0-9-]+) sockerr=([0-9-]+).*/\1 \2 \3/')
+if [ "${inon:-0}" != 0 ] || [ "${ierr:-0}" != 0 ]; then problems+=("idle test wrk: $inon non-2xx, $ierr socket errors"); fi
+
+# ---------------------------------------------------------------- summary
+ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
+verdict() { # value op target
+  awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
+    if (v == "n/a") { print "n/a"; exit }
+    ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 <= t + 0)
+    print ok ? "ok" : "MISS" }'
+}
+read -r rbp1 rbp1_50 rbp1_99 < <(rbagg proxy.1)
+read -r rbr1 rbr1_50 rbr1_99 < <(rbagg redis.1)
+read -r rbp16 rbp16_50 rbp16_99 < <(rbagg proxy.16)
+read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
+
+{
+  echo
+  echo "== redis-proxy bench: $(date -u '+%Y-%m-%d %H:%M:%SZ') on $(hostname), nproc=$NPROC, $(uname -sr)"
+  echo "   $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | sed 's/^ *//')"
+  echo "   wrk -t$THREADS -c$CONNS -d$DURATION --latency, $ROUNDS alternating rounds, $AGG shown;" \
+    "$NKEYS keys x ${VBYTES} B; PROXY_WORKERS=${PROXY_WORKERS:-default($NPROC)}; redis $(redis-server --version | awk '{print $3}' | tr -d 'v=')"
+  echo "   load average (1/5/15 min) at start: $LOAD_START; after wrk runs: $LOAD_MID; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
+  echo
+  printf '%-24s %10s %19s %9s %9s %8s %7s\n' target "req/s" "(min..max)" "p50 ms" "p99 ms" non2xx sockerr
+  for t in a b c d e; do
+    printf '%-24s %10s %19s %9s %9s %8s %7s\n' "(${t}) ${NAME[$t]}" "${RPS[$t]}" "(${LO[$t]}..${HI[$t]})" \
+      "${P50[$t]}" "${P99[$t]}" "${NON[$t]}" "${ERR[$t]}"
+  done
+  echo "   cache during measured runs: hits ${HITS[a]} misses ${MISSES[a]} (a); hits ${HITS[e]} misses ${MISSES[e]} (e)"
+  echo
+  r1=$(ratio "${RPS[a]}" "${RPS[c]}")
+  r2=$(ratio "${RPS[a]}" "${RPS[d]}")
+  r3=$(ratio "${RPS[b]}" "${RPS[c]}")
+  r4=$(ratio "${P99[a]}" "${P99[c]}")
+  r5=$(ratio "${RPS[e]}" "${RPS[a]}")
+  printf '%-40s %7s  %-8s %s\n' ratio value target verdict
+  printf '%-40s %7s  %-8s %s\n' "hits / webdis (req/s)" "$r1" ">= 1.3" "$(verdict "$r1" '>=' 1.3)"
+  printf '%-40s %7s  %-8s %s\n' "hits / bare (req/s)" "$r2" ">= 0.9" "$(verdict "$r2" '>=' 0.9)"
+  printf '%-40s %7s  %-8s %s\n' "all-miss / webdis (req/s)" "$r3" ">= 1.2" "$(verdict "$r3" '>=' 1.2)"
+  printf '%-40s %7s  %-8s %s\n' "p99 hits / p99 webdis at $CONNS conns" "$r4" "<= 1.0" "$(verdict "$r4" '<=' 1.0)"
+  printf '%-40s %7s  %-8s %s\n' "tracking / off, hits (req/s)" "$r5" ">= 0.97" "$(verdict "$r5" '>=' 0.97)"
+  echo
+  printf '%-36s %10s %9s %9s\n' "redis-benchmark -t get -c $RB_C" "req/s" "p50 ms" "p99 ms"
+  printf '%-36s %10s %9s %9s\n' "proxy RESP, -P 1 (-n $RB_N)" "$rbp1" "$rbp1_50" "$rbp1_99"
+  printf '%-36s %10s %9s %9s\n' "redis-server, -P 1" "$rbr1" "$rbr1_50" "$rbr1_99"
+  printf '%-36s %10s %9s %9s\n' "proxy RESP, -P 16 (-n $((RB_N * 10)))" "$rbp16" "$rbp16_50" "$rbp16_99"
+  printf '%-36s %10s %9s %9s\n' "redis-server, -P 16" "$rbr16" "$rbr16_50" "$rbr16_99"
+  q1=$(ratio "$rbp1" "$rbr1")
+  q16=$(ratio "$rbp16" "$rbr16")
+  printf '%-40s %7s  %-8s %s\n' "proxy / redis, -P 1" "$q1" ">= 1.0" "$(verdict "$q1" '>=' 1.0)"
+  printf '%-40s %7s  %-8s %s\n' "proxy / redis, -P 16" "$q16" ">= 0.8" "$(verdict "$q16" '>=' 0.8)"
+  echo "   proxy cache during redis-benchmark: hits $rb_hits misses $rb_misses"
+  echo
+  echo "idle connections (PROXY_MAX_CLIENTS=20000, nofile $NOFILE):"
+  echo "   client: $IDLE_READY"
+  echo "   proxy clients_connected=$IDLE_CONNECTED fds=$IDLE_FDS"
+  echo "   while held, wrk -c$CONNS 3s: ${IDLE_WRK#BENCH }"
+  echo "   after: $IDLE_HELD; proxy alive: $IDLE_ALIVE"
+  rss_mb=$(awk -v k="$IDLE_RSS2" -v k1="$IDLE_RSS1" 'BEGIN { m = (k > k1 ? k : k1); printf "%.1f", m / 1024 }')
+  printf '   proxy RSS: %.1f MB idle before, %.1f MB with connections, %.1f MB after wrk (peak %.1f MB); target <= 400 MB: %s\n' \
+    "$(awk -v k="$IDLE_RSS0" 'BEGIN { print k / 1024 }')" "$(awk -v k="$IDLE_RSS1" 'BEGIN { print k / 1024 }')" \
+    "$(awk -v k="$IDLE_RSS2" 'BEGIN { print k / 1024 }')" "$(awk -v k="$IDLE_HWM" 'BEGIN { print k / 1024 }')" \
+    "$(verdict "$rss_mb" '<=' 400)"
+  echo
+  if [ ${#problems[@]} -eq 0 ]; then
+    echo "problems: none seen"
+  else
+    echo "problems:"
+    printf '   - %s\n' "${problems[@]}"
+  fi
+} | tee "$tmp/summary.txt"
