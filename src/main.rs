@@ -24,10 +24,13 @@ fn main() -> ExitCode {
     if let Err(e) = config.validate() {
         return bad_setting(&e.to_string());
     }
-    env_logger::Builder::from_env(
-        env_logger::Env::default().default_filter_or("info,may_minihttp=off,may=warn"),
-    )
-    .init();
+    // may_minihttp logs every client disconnect as an error; keep it quiet
+    // unless the filter names it explicitly.
+    let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
+    if !filter.contains("may_minihttp") {
+        filter.push_str(",may_minihttp=off");
+    }
+    env_logger::Builder::new().parse_filters(&filter).init();
 
     let server = match redis_proxy::start(&config) {
         Ok(server) => server,
