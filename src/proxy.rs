@@ -98,7 +98,7 @@ impl Proxy {
     pub fn get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
         if !self.cache_usable() {
             // Tracking lapsed: invalidations could be missed, so bypass the cache.
-            self.metrics.misses.fetch_add(1, Ordering::Relaxed);
+            self.metrics.misses.inc();
             let value = self.backend.get(hint, key)?.map(Value::from);
             return Ok(Lookup {
                 value,
@@ -106,13 +106,13 @@ impl Proxy {
             });
         }
         if let Some(value) = self.cache.get(key) {
-            self.metrics.hits.fetch_add(1, Ordering::Relaxed);
+            self.metrics.hits.inc();
             return Ok(Lookup {
                 value: Some(value),
                 source: Source::Hit,
             });
         }
-        self.metrics.misses.fetch_add(1, Ordering::Relaxed);
+        self.metrics.misses.inc();
         if self.cache.capacity() == 0 {
             // Pass-through: every GET goes to Redis, nothing is shared.
             let value = self.backend.get(hint, key)?.map(Value::from);
@@ -135,7 +135,7 @@ impl Proxy {
             }
         };
         if !leader {
-            self.metrics.coalesced.fetch_add(1, Ordering::Relaxed);
+            self.metrics.coalesced.inc();
             flight.done.wait();
             let result = flight
                 .result
@@ -186,7 +186,7 @@ impl Proxy {
                     &self.metrics.misses
                 }
             };
-            counter.fetch_add(1, Ordering::Relaxed);
+            counter.inc();
             out.push(value);
         }
         if missing.is_empty() {

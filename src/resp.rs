@@ -642,9 +642,9 @@ fn info_text(shared: &RespShared) -> String {
     ));
     s.push_str("\r\n# Stats\r\n");
     let rows: [(&str, u64); 12] = [
-        ("cache_hits_total", m.hits.load(Relaxed)),
-        ("cache_misses_total", m.misses.load(Relaxed)),
-        ("cache_coalesced_total", m.coalesced.load(Relaxed)),
+        ("cache_hits_total", m.hits.get()),
+        ("cache_misses_total", m.misses.get()),
+        ("cache_coalesced_total", m.coalesced.get()),
         ("cache_evictions_lru_total", cs.evictions_lru.load(Relaxed)),
         ("cache_evictions_ttl_total", cs.evictions_ttl.load(Relaxed)),
         ("cache_entries", cache.len() as u64),
@@ -666,8 +666,8 @@ fn info_text(shared: &RespShared) -> String {
     }
     s.push_str(&format!(
         "keyspace_hits:{}\r\nkeyspace_misses:{}\r\n",
-        m.hits.load(Relaxed),
-        m.misses.load(Relaxed)
+        m.hits.get(),
+        m.misses.get()
     ));
     s.push_str("\r\n# Cache\r\n");
     s.push_str(&format!(
