@@ -6,6 +6,7 @@
 //! bodies. Reads go through the shared core (`proxy`); this module never
 //! touches the cache or Redis directly.
 
+use std::borrow::Cow;
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Instant;
@@ -45,14 +46,15 @@ impl KeyError {
 
 /// A decoded request target: the key and whether `?format=json` was asked.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Target {
-    pub key: Vec<u8>,
+pub struct Target<'a> {
+    /// Borrowed from the path when it has no `%` escapes.
+    pub key: Cow<'a, [u8]>,
     pub json: bool,
 }
 
 /// Splits a raw path (`/a%20b?format=json`) into the decoded key and the
 /// JSON flag. The key is everything after the leading `/` up to `?`.
-pub fn parse_target(raw: &[u8]) -> Result<Target, KeyError> {
+pub fn parse_target(raw: &[u8]) -> Result<Target<'_>, KeyError> {
     let (path, query) = match raw.iter().position(|b| *b == b'?') {
         Some(i) => (&raw[..i], Some(&raw[i + 1..])),
         None => (raw, None),
@@ -61,7 +63,11 @@ pub fn parse_target(raw: &[u8]) -> Result<Target, KeyError> {
     if encoded.is_empty() {
         return Err(KeyError::Empty);
     }
-    let key = percent_decode(encoded)?;
+    let key = if encoded.contains(&b'%') {
+        Cow::Owned(percent_decode(encoded)?)
+    } else {
+        Cow::Borrowed(encoded)
+    };
     if key.is_empty() {
         return Err(KeyError::Empty);
     }
@@ -344,7 +350,7 @@ impl HttpConn {
                 return Reply::error(400, e.message(), None);
             }
         };
-        let key = target.key;
+        let key = target.key.into_owned();
         if req.method() == "DELETE" {
             if body_len > 0 {
                 let _ = io::copy(&mut req.body(), &mut io::sink());
@@ -522,9 +528,9 @@ mod tests {
     #[test]
     fn decodes_keys() {
         let t = parse_target(b"/a%20b%2Fc").unwrap();
-        assert_eq!(t.key, b"a b/c");
-        assert_eq!(parse_target(b"/a%20b/c").unwrap().key, b"a b/c");
-        assert_eq!(parse_target(b"/%00%ff").unwrap().key, vec![0u8, 0xff]);
+        assert_eq!(&*t.key, b"a b/c");
+        assert_eq!(&*parse_target(b"/a%20b/c").unwrap().key, b"a b/c");
+        assert_eq!(&*parse_target(b"/%00%ff").unwrap().key, &[0u8, 0xff]);
         assert!(!t.json);
     }
 
@@ -532,7 +538,7 @@ mod tests {
     #[test]
     fn query_is_split_off() {
         let t = parse_target(b"/k?x=1&format=json").unwrap();
-        assert_eq!(t.key, b"k");
+        assert_eq!(&*t.key, b"k");
         assert!(t.json);
         assert!(!parse_target(b"/k?format=jsonx").unwrap().json);
     }
