@@ -145,7 +145,9 @@ impl Clients {
             requests: AtomicU64::new(0),
             max_pending_bytes: max_pending_bytes as u64,
             seen_requests: AtomicU64::new(0),
-            bytes_mark: AtomicU64::new(sys::tcp_counters(fd).map_or(0, |c| c.0)),
+            // Everything a new connection has received is an unfinished head
+            // until a request completes, even bytes that beat the accept.
+            bytes_mark: AtomicU64::new(0),
             produced: AtomicU64::new(0),
             acked_mark: AtomicU64::new(0),
             closed: AtomicBool::new(false),
