@@ -1,0 +1,966 @@
+//! System tests of the Redis-protocol front end (DESIGN.md section 1,
+//! "Redis protocol (RESP2)" and "Cache semantics"): the real binary against a
+//! real `redis-server`, each test with its own of both on free loopback ports.
+//!
+//! Clients are the ones users run: the `redis` crate, `redis-cli` and
+//! `redis-benchmark`; byte-exact replies, inline commands and broken input go
+//! over a raw `TcpStream`.
+
+mod common;
+
+use std::io::{self, Read, Write};
+use std::net::TcpStream;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, Barrier};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::{poll_until, Proxy, Redis, DEADLINE, POLL};
+use redis::Value;
+
+/// A TTL long enough that nothing expires during a test.
+const LONG_TTL: &str = "600000";
+
+/// Starts a proxy with its RESP port open in front of `redis`.
+fn start(redis: &Redis, env: &[(&str, &str)]) -> (Proxy, u16) {
+    let proxy = Proxy::builder().redis(redis).resp().envs(env).start();
+    let port = proxy.resp_port().expect("started with a RESP port");
+    (proxy, port)
+}
+
+/// A `redis` crate connection to the proxy's RESP port (db 0).
+fn connect(port: u16) -> redis::Connection {
+    connect_url(&format!("redis://127.0.0.1:{port}/"))
+}
+
+fn connect_url(url: &str) -> redis::Connection {
+    let con = redis::Client::open(url)
+        .and_then(|c| c.get_connection())
+        .unwrap_or_else(|e| panic!("connect to {url}: {e}"));
+    con.set_read_timeout(Some(DEADLINE)).expect("read timeout");
+    con.set_write_timeout(Some(DEADLINE))
+        .expect("write timeout");
+    con
+}
+
+/// Runs one command and returns the raw reply (errors included).
+fn query(con: &mut redis::Connection, args: &[&[u8]]) -> redis::RedisResult<Value> {
+    let mut cmd = redis::cmd(std::str::from_utf8(args[0]).expect("command name"));
+    for arg in &args[1..] {
+        cmd.arg(*arg);
+    }
+    cmd.query(con)
+}
+
+/// `GET key` through `con`; panics on an error reply.
+fn get(con: &mut redis::Connection, key: impl AsRef<[u8]>) -> Option<Vec<u8>> {
+    redis::cmd("GET")
+        .arg(key.as_ref())
+        .query(con)
+        .unwrap_or_else(|e| panic!("GET {:?}: {e}", String::from_utf8_lossy(key.as_ref())))
+}
+
+/// An error reply as its wire line without the `-`: `CODE detail`.
+fn error_line(e: &redis::RedisError) -> String {
+    match (e.code(), e.detail()) {
+        (Some(code), Some(detail)) => format!("{code} {detail}"),
+        (Some(code), None) => code.to_string(),
+        _ => panic!("not an error reply: {e:?}"),
+    }
+}
+
+/// The error line of a reply that must be an error.
+#[track_caller]
+fn expect_error(reply: redis::RedisResult<Value>) -> String {
+    match reply {
+        Err(e) => error_line(&e),
+        Ok(v) => panic!("expected an error reply, got {v:?}"),
+    }
+}
+
+/// A `redis://` connection straight to Redis, for the given db.
+fn redis_db(redis: &Redis, db: u32) -> redis::Connection {
+    connect_url(&format!("redis://127.0.0.1:{}/{db}", redis.port()))
+}
+
+/// One field of an `INFO` text (`name:value` lines).
+fn info_field(info: &str, name: &str) -> Option<String> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(':'))
+        .map(|v| v.trim().to_string())
+}
+
+/// A numeric `INFO` field; panics (showing the text) when it is absent.
+#[track_caller]
+fn info_u64(info: &str, name: &str) -> u64 {
+    info_field(info, name)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| panic!("no numeric {name} in INFO:\n{info}"))
+}
+
+/// The proxy's own `INFO` text.
+fn proxy_info(con: &mut redis::Connection) -> String {
+    redis::cmd("INFO").query(con).expect("proxy INFO")
+}
+
+/// How many GETs Redis itself has served: `(keyspace_hits + keyspace_misses,
+/// cmdstat_get calls)`, read directly from redis-server.
+fn redis_get_counts(redis: &Redis) -> (u64, u64) {
+    let mut con = redis.conn();
+    let stats: String = redis::cmd("INFO").arg("stats").query(&mut con).unwrap();
+    let keyspace = info_u64(&stats, "keyspace_hits") + info_u64(&stats, "keyspace_misses");
+    let commands: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut con)
+        .unwrap();
+    // `cmdstat_get:calls=3,usec=...`; absent until the first GET.
+    let gets = info_field(&commands, "cmdstat_get").map_or(0, |v| {
+        v.split(',')
+            .find_map(|kv| kv.strip_prefix("calls="))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("bad cmdstat_get line: {v}"))
+    });
+    (keyspace, gets)
+}
+
+/// Shows bytes readably in failure messages.
+fn show(bytes: &[u8]) -> String {
+    if bytes.len() > 200 {
+        format!(
+            "{:?}... ({} bytes)",
+            String::from_utf8_lossy(&bytes[..200]),
+            bytes.len()
+        )
+    } else {
+        format!("{:?}", String::from_utf8_lossy(bytes))
+    }
+}
+
+/// A raw client socket, for exact bytes on the wire. Reads give up after
+/// [`DEADLINE`], so a hung proxy fails the test.
+struct Raw {
+    stream: TcpStream,
+}
+
+impl Raw {
+    fn connect(port: u16) -> Raw {
+        let stream = TcpStream::connect(("127.0.0.1", port))
+            .unwrap_or_else(|e| panic!("connect to 127.0.0.1:{port}: {e}"));
+        stream.set_read_timeout(Some(DEADLINE)).unwrap();
+        stream.set_write_timeout(Some(DEADLINE)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Raw { stream }
+    }
+
+    fn send(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("send {}: {e}", show(bytes)));
+    }
+
+    /// Reads exactly as many bytes as `want` has and compares.
+    #[track_caller]
+    fn expect(&mut self, want: &[u8]) {
+        let mut got = vec![0u8; want.len()];
+        let mut n = 0;
+        while n < got.len() {
+            match self.stream.read(&mut got[n..]) {
+                Ok(0) => panic!(
+                    "connection closed after {}; wanted {}",
+                    show(&got[..n]),
+                    show(want)
+                ),
+                Ok(k) => n += k,
+                Err(e) => panic!("read after {}: {e}; wanted {}", show(&got[..n]), show(want)),
+            }
+        }
+        assert_eq!(show(&got), show(want));
+    }
+
+    /// Sends `request` and expects exactly `reply`.
+    #[track_caller]
+    fn roundtrip(&mut self, request: &[u8], reply: &[u8]) {
+        self.send(request);
+        self.expect(reply);
+    }
+
+    /// Reads until the proxy closes the connection (EOF or reset) and
+    /// returns what arrived first; panics if it is still open at [`DEADLINE`].
+    fn read_until_closed(&mut self) -> Vec<u8> {
+        let end = Instant::now() + DEADLINE;
+        let mut got = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let left = end.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                panic!("still open after {DEADLINE:?}; got {}", show(&got));
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.stream.read(&mut chunk) {
+                Ok(0) => return got,
+                Ok(n) => got.extend_from_slice(&chunk[..n]),
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    panic!("still open after {DEADLINE:?}; got {}", show(&got))
+                }
+                // A reset is a close too.
+                Err(_) => return got,
+            }
+        }
+    }
+}
+
+/// How a client program run ended.
+struct Run {
+    success: bool,
+    code: Option<i32>,
+    stdout: Vec<u8>,
+    stderr: String,
+}
+
+impl Run {
+    fn stdout_text(&self) -> String {
+        String::from_utf8_lossy(&self.stdout).into_owned()
+    }
+}
+
+impl std::fmt::Debug for Run {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Run")
+            .field("code", &self.code)
+            .field("stdout", &show(&self.stdout))
+            .field("stderr", &self.stderr)
+            .finish()
+    }
+}
+
+/// Runs `program args...` to completion; kills it and panics if it is still
+/// running after `deadline`.
+fn run(program: &str, args: &[&str], deadline: Duration) -> Run {
+    let mut child = Command::new(program)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("spawn {program}: {e}"));
+    let read_all = |mut from: Box<dyn Read + Send>| {
+        thread::spawn(move || {
+            let mut buf = Vec::new();
+            let _ = from.read_to_end(&mut buf);
+            buf
+        })
+    };
+    let stdout = read_all(Box::new(child.stdout.take().expect("piped stdout")));
+    let stderr = read_all(Box::new(child.stderr.take().expect("piped stderr")));
+    let end = Instant::now() + deadline;
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            break status;
+        }
+        if Instant::now() >= end {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{program} {args:?} still running after {deadline:?}");
+        }
+        thread::sleep(POLL);
+    };
+    Run {
+        success: status.success(),
+        code: status.code(),
+        stdout: stdout.join().expect("stdout reader"),
+        stderr: String::from_utf8_lossy(&stderr.join().expect("stderr reader")).into_owned(),
+    }
+}
+
+/// `redis-cli -p port args...`.
+fn cli(port: u16, args: &[&str]) -> Run {
+    let port = port.to_string();
+    let mut all = vec!["-h", "127.0.0.1", "-p", &port];
+    all.extend_from_slice(args);
+    run("redis-cli", &all, DEADLINE)
+}
+
+// ---------------------------------------------------------------------------
+// Reads and the cache
+
+/// A second GET is served from the cache: Redis changed the value in between,
+/// and the proxy still answers the first one.
+#[test]
+fn get_hit_is_served_from_cache() {
+    let redis = Redis::start();
+    redis.set("k", "old");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+    assert_eq!(get(&mut con, "k").as_deref(), Some(&b"old"[..]));
+
+    redis.set("k", "new");
+    assert_eq!(get(&mut con, "k").as_deref(), Some(&b"old"[..]));
+    // Another connection shares the same cache.
+    assert_eq!(get(&mut connect(port), "k").as_deref(), Some(&b"old"[..]));
+}
+
+/// A miss reads the current Redis value; an absent key is nil and is not
+/// cached, so a key created later is seen on the next GET.
+#[test]
+fn get_miss_and_absent_key() {
+    let redis = Redis::start();
+    redis.set("present", "v1");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+    assert_eq!(get(&mut con, "present").as_deref(), Some(&b"v1"[..]));
+
+    // Nil, not an empty string.
+    assert_eq!(query(&mut con, &[b"GET", b"absent"]).unwrap(), Value::Nil);
+    redis.set("absent", "now here");
+    assert_eq!(get(&mut con, "absent").as_deref(), Some(&b"now here"[..]));
+}
+
+/// A GET of a key holding a list passes Redis's WRONGTYPE error through.
+#[test]
+fn get_of_a_list_passes_the_redis_error_through() {
+    let redis = Redis::start();
+    redis.rpush("list", "item");
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let line = expect_error(query(&mut con, &[b"GET", b"list"]));
+    assert!(line.starts_with("WRONGTYPE "), "{line}");
+    assert_eq!(
+        query(&mut con, &[b"PING"]).unwrap(),
+        Value::SimpleString("PONG".into())
+    );
+}
+
+/// MGET answers hits from the cache and misses from Redis, in key order,
+/// with nil for an absent key and for a key holding a list.
+#[test]
+fn mget_mixes_hits_misses_absent_and_wrong_type() {
+    let redis = Redis::start();
+    redis.set("hit", "cached");
+    redis.set("miss", "fresh");
+    redis.rpush("list", "item");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+    assert_eq!(get(&mut con, "hit").as_deref(), Some(&b"cached"[..]));
+    redis.set("hit", "changed in redis");
+
+    let reply = query(
+        &mut con,
+        &[b"MGET", b"hit", b"miss", b"absent", b"list", b"hit"],
+    )
+    .unwrap();
+    assert_eq!(
+        reply,
+        Value::Array(vec![
+            Value::BulkString(b"cached".to_vec()),
+            Value::BulkString(b"fresh".to_vec()),
+            Value::Nil,
+            Value::Nil,
+            Value::BulkString(b"cached".to_vec()),
+        ])
+    );
+
+    // The miss was cached by the MGET; the absent key was not.
+    redis.set("miss", "changed too");
+    redis.set("absent", "created");
+    let reply = query(&mut con, &[b"MGET", b"miss", b"absent"]).unwrap();
+    assert_eq!(
+        reply,
+        Value::Array(vec![
+            Value::BulkString(b"fresh".to_vec()),
+            Value::BulkString(b"created".to_vec()),
+        ])
+    );
+}
+
+/// A pipeline of GETs (one write from the `redis` crate) is answered in
+/// order, hits, misses and absent keys interleaved.
+#[test]
+fn pipelined_gets_answer_in_order() {
+    let redis = Redis::start();
+    for i in 0..20 {
+        if i % 3 != 2 {
+            redis.set(format!("p{i}"), format!("value {i}"));
+        }
+    }
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+    // Every fourth key cached beforehand.
+    for i in (0..20).step_by(4) {
+        get(&mut con, format!("p{i}"));
+    }
+    let mut pipe = redis::pipe();
+    for i in 0..20 {
+        pipe.cmd("GET").arg(format!("p{i}"));
+    }
+    let got: Vec<Option<String>> = pipe.query(&mut con).expect("pipelined GETs");
+    let want: Vec<Option<String>> = (0..20)
+        .map(|i| (i % 3 != 2).then(|| format!("value {i}")))
+        .collect();
+    assert_eq!(got, want);
+}
+
+/// Values holding all 256 byte values and keys holding CR, LF, NUL and
+/// non-UTF-8 bytes round-trip exactly, on a miss, a hit and through MGET.
+#[test]
+fn binary_keys_and_values() {
+    let redis = Redis::start();
+    let value: Vec<u8> = (0..=255u8).collect();
+    let key: Vec<u8> = (0..=255u8).rev().collect();
+    let short_key = b"k\r\n\0\xff\xfe key".to_vec();
+    redis.set(&key, &value);
+    redis.set(&short_key, b"\r\n$-1\r\n");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+
+    assert_eq!(get(&mut con, &key), Some(value.clone()), "miss");
+    assert_eq!(get(&mut con, &key), Some(value.clone()), "hit");
+    assert_eq!(
+        get(&mut con, &short_key).as_deref(),
+        Some(&b"\r\n$-1\r\n"[..])
+    );
+    let reply = query(&mut con, &[b"MGET", &short_key, &key, b"k"]).unwrap();
+    assert_eq!(
+        reply,
+        Value::Array(vec![
+            Value::BulkString(b"\r\n$-1\r\n".to_vec()),
+            Value::BulkString(value),
+            Value::Nil,
+        ])
+    );
+}
+
+// ---------------------------------------------------------------------------
+// Errors and the connection staying usable
+
+/// An unknown command gets `-ERR unknown command '<name>'`, is not sent to
+/// Redis, and the connection stays usable.
+#[test]
+fn unknown_command_is_refused_and_connection_stays_usable() {
+    let redis = Redis::start();
+    redis.set("k", "v");
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let line = expect_error(query(&mut con, &[b"FLUSHALL"]));
+    assert_eq!(line, "ERR unknown command 'FLUSHALL'");
+    // Writes are off by default: SET is unknown too.
+    let line = expect_error(query(&mut con, &[b"SET", b"k", b"overwritten"]));
+    assert_eq!(line, "ERR unknown command 'SET'");
+    assert_eq!(
+        query(&mut con, &[b"PING"]).unwrap(),
+        Value::SimpleString("PONG".into())
+    );
+    assert_eq!(get(&mut con, "k").as_deref(), Some(&b"v"[..]));
+    assert_eq!(
+        redis.cmd(&[b"GET", b"k"]),
+        Value::BulkString(b"v".to_vec()),
+        "Redis itself was untouched"
+    );
+
+    // Byte-exact, with the name as the client spelled it.
+    let mut raw = Raw::connect(port);
+    raw.roundtrip(
+        b"*2\r\n$6\r\nNoSuch\r\n$1\r\nx\r\n",
+        b"-ERR unknown command 'NoSuch'\r\n",
+    );
+    raw.roundtrip(b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n");
+}
+
+/// GET with no key or two keys, and MGET with none, are arity errors; the
+/// connection goes on.
+#[test]
+fn wrong_arity_is_an_error_reply() {
+    let redis = Redis::start();
+    redis.set("a", "1");
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let want = "ERR wrong number of arguments for 'get' command";
+    assert_eq!(expect_error(query(&mut con, &[b"GET"])), want);
+    assert_eq!(expect_error(query(&mut con, &[b"GET", b"a", b"b"])), want);
+    assert_eq!(
+        expect_error(query(&mut con, &[b"MGET"])),
+        "ERR wrong number of arguments for 'mget' command"
+    );
+    assert_eq!(get(&mut con, "a").as_deref(), Some(&b"1"[..]));
+}
+
+/// Over PROXY_MAX_CLIENTS a RESP client reads `-ERR max number of clients
+/// reached` and is closed; once the holder leaves, a client is served again.
+#[test]
+fn over_the_client_limit_is_refused_and_closed() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[("PROXY_MAX_CLIENTS", "1")]);
+    // The start-up probes may still hold the one slot for a moment.
+    let holder = poll_until("one RESP client admitted", || {
+        let mut con = redis::Client::open(format!("redis://127.0.0.1:{port}/"))
+            .ok()?
+            .get_connection()
+            .ok()?;
+        let pong: String = redis::cmd("PING").query(&mut con).ok()?;
+        (pong == "PONG").then_some(con)
+    });
+
+    let mut refused = Raw::connect(port);
+    let got = refused.read_until_closed();
+    assert_eq!(show(&got), show(b"-ERR max number of clients reached\r\n"));
+
+    drop(holder);
+    poll_until("a client served after the holder left", || {
+        let mut raw = Raw::connect(port);
+        raw.send(b"PING\r\n");
+        let mut buf = [0u8; 7];
+        raw.stream.read_exact(&mut buf).ok()?;
+        (&buf == b"+PONG\r\n").then_some(())
+    });
+}
+
+/// The client limit counts HTTP and RESP together: an HTTP connection
+/// holding the one slot makes a RESP client read the over-limit error.
+#[test]
+fn http_connection_counts_against_the_resp_client_limit() {
+    let redis = Redis::start();
+    let (proxy, port) = start(&redis, &[("PROXY_MAX_CLIENTS", "1")]);
+    let _holder = poll_until("one HTTP client admitted", || {
+        let mut http = common::Http::try_connect(proxy.port()).ok()?;
+        let r = http.request("GET", "/-/healthy", &[]).ok()?;
+        (r.status == 200).then_some(http)
+    });
+    let mut refused = Raw::connect(port);
+    let got = refused.read_until_closed();
+    assert_eq!(show(&got), show(b"-ERR max number of clients reached\r\n"));
+}
+
+/// QUIT answers +OK and closes; a command pipelined after it is not answered.
+#[test]
+fn quit_answers_ok_and_closes() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut raw = Raw::connect(port);
+    raw.send(b"*1\r\n$4\r\nQUIT\r\n*1\r\n$4\r\nPING\r\n");
+    assert_eq!(show(&raw.read_until_closed()), show(b"+OK\r\n"));
+
+    let mut con = connect(port);
+    assert_eq!(query(&mut con, &[b"QUIT"]).unwrap(), Value::Okay);
+}
+
+/// PING answers +PONG, PING msg and ECHO msg answer the message as a bulk.
+#[test]
+fn ping_and_echo() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    assert_eq!(
+        query(&mut con, &[b"PING"]).unwrap(),
+        Value::SimpleString("PONG".into())
+    );
+    assert_eq!(
+        query(&mut con, &[b"PING", b"hello there"]).unwrap(),
+        Value::BulkString(b"hello there".to_vec())
+    );
+    assert_eq!(
+        query(&mut con, &[b"ECHO", b"a\r\nb\0"]).unwrap(),
+        Value::BulkString(b"a\r\nb\0".to_vec())
+    );
+
+    let mut raw = Raw::connect(port);
+    raw.roundtrip(b"*1\r\n$4\r\nping\r\n", b"+PONG\r\n");
+    raw.roundtrip(b"*2\r\n$4\r\nPING\r\n$2\r\nhi\r\n", b"$2\r\nhi\r\n");
+    raw.roundtrip(b"*2\r\n$4\r\nECHO\r\n$0\r\n\r\n", b"$0\r\n\r\n");
+}
+
+/// HELLO 2 answers the server map with proto 2; HELLO 3 is -NOPROTO and the
+/// connection keeps speaking RESP2.
+#[test]
+fn hello_2_works_and_hello_3_is_noproto() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let reply = query(&mut con, &[b"HELLO", b"2"]).unwrap();
+    let Value::Array(items) = &reply else {
+        panic!("HELLO 2 is not a RESP2 array: {reply:?}")
+    };
+    let proto = items
+        .chunks(2)
+        .find(|kv| kv[0] == Value::BulkString(b"proto".to_vec()))
+        .map(|kv| kv[1].clone());
+    assert_eq!(proto, Some(Value::Int(2)), "{reply:?}");
+
+    let line = expect_error(query(&mut con, &[b"HELLO", b"3"]));
+    assert!(line.starts_with("NOPROTO"), "{line}");
+    assert_eq!(
+        query(&mut con, &[b"PING"]).unwrap(),
+        Value::SimpleString("PONG".into())
+    );
+
+    let mut raw = Raw::connect(port);
+    raw.send(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n");
+    raw.expect(b"-NOPROTO");
+}
+
+/// SELECT of the configured db is OK (the `redis` crate sends it on connect),
+/// any other db is an error, and reads keep coming from the configured db.
+#[test]
+fn select_only_the_configured_db() {
+    let redis = Redis::start();
+    redis::cmd("SET")
+        .arg("k")
+        .arg("in db 3")
+        .exec(&mut redis_db(&redis, 3))
+        .expect("SET in db 3");
+    let proxy = Proxy::builder()
+        .redis_url(format!("redis://127.0.0.1:{}/3", redis.port()))
+        .resp()
+        .start();
+    let port = proxy.resp_port().unwrap();
+
+    let mut con = connect_url(&format!("redis://127.0.0.1:{port}/3"));
+    assert_eq!(query(&mut con, &[b"SELECT", b"3"]).unwrap(), Value::Okay);
+    let line = expect_error(query(&mut con, &[b"SELECT", b"0"]));
+    assert!(line.starts_with("ERR "), "{line}");
+    expect_error(query(&mut con, &[b"SELECT", b"x"]));
+    assert_eq!(get(&mut con, "k").as_deref(), Some(&b"in db 3"[..]));
+
+    // A client asking for another db (SELECT 5 on connect) is refused.
+    let refused = redis::Client::open(format!("redis://127.0.0.1:{port}/5"))
+        .unwrap()
+        .get_connection();
+    assert!(refused.is_err(), "SELECT 5 on connect was accepted");
+}
+
+/// CLIENT SETNAME then GETNAME returns the name, per connection.
+#[test]
+fn client_setname_getname() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    assert_eq!(
+        query(&mut con, &[b"CLIENT", b"GETNAME"]).unwrap(),
+        Value::Nil
+    );
+    assert_eq!(
+        query(&mut con, &[b"CLIENT", b"SETNAME", b"worker-1"]).unwrap(),
+        Value::Okay
+    );
+    assert_eq!(
+        query(&mut con, &[b"client", b"getname"]).unwrap(),
+        Value::BulkString(b"worker-1".to_vec())
+    );
+    assert_eq!(
+        query(&mut connect(port), &[b"CLIENT", b"GETNAME"]).unwrap(),
+        Value::Nil,
+        "another connection has no name"
+    );
+}
+
+/// INFO has a `# Stats` section whose hit and miss counters move with GETs.
+#[test]
+fn info_stats_counters_move() {
+    let redis = Redis::start();
+    redis.set("k", "v");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let mut con = connect(port);
+    let before = proxy_info(&mut con);
+    assert!(before.contains("# Stats"), "{before}");
+    let (hits, misses) = (
+        info_u64(&before, "cache_hits_total"),
+        info_u64(&before, "cache_misses_total"),
+    );
+
+    get(&mut con, "k");
+    let after_miss = proxy_info(&mut con);
+    assert_eq!(info_u64(&after_miss, "cache_misses_total"), misses + 1);
+    assert_eq!(info_u64(&after_miss, "cache_hits_total"), hits);
+
+    get(&mut con, "k");
+    get(&mut con, "k");
+    let after_hits = proxy_info(&mut con);
+    assert_eq!(info_u64(&after_hits, "cache_hits_total"), hits + 2);
+    assert_eq!(info_u64(&after_hits, "cache_misses_total"), misses + 1);
+}
+
+/// COMMAND COUNT matches the table COMMAND returns, which lists GET and MGET.
+#[test]
+fn command_count_matches_command_table() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let count = match query(&mut con, &[b"COMMAND", b"COUNT"]).unwrap() {
+        Value::Int(n) => n,
+        other => panic!("COMMAND COUNT is not an integer: {other:?}"),
+    };
+    let Value::Array(table) = query(&mut con, &[b"COMMAND"]).unwrap() else {
+        panic!("COMMAND is not an array")
+    };
+    assert_eq!(count, table.len() as i64);
+    let names: Vec<Value> = table
+        .iter()
+        .map(|row| match row {
+            Value::Array(fields) => fields[0].clone(),
+            other => panic!("COMMAND row is not an array: {other:?}"),
+        })
+        .collect();
+    for name in [&b"get"[..], b"mget"] {
+        assert!(
+            names.contains(&Value::BulkString(name.to_vec())),
+            "{names:?}"
+        );
+    }
+}
+
+// ---------------------------------------------------------------------------
+// The wire: inline commands, split writes, broken and oversize input
+
+/// Inline commands (as typed into telnet) are served, CRLF or bare LF.
+#[test]
+fn inline_commands() {
+    let redis = Redis::start();
+    redis.set("key", "hello");
+    let (_proxy, port) = start(&redis, &[]);
+    let mut raw = Raw::connect(port);
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n");
+    raw.roundtrip(b"GET key\r\n", b"$5\r\nhello\r\n");
+    raw.roundtrip(b"GET   absent\n", b"$-1\r\n");
+    // Pipelined inline and multibulk, in one write.
+    raw.roundtrip(
+        b"ECHO hi\r\n*2\r\n$3\r\nGET\r\n$3\r\nkey\r\nPING\r\n",
+        b"$2\r\nhi\r\n$5\r\nhello\r\n+PONG\r\n",
+    );
+}
+
+/// A request written one byte at a time is answered once, when complete.
+#[test]
+fn request_split_into_single_bytes() {
+    let redis = Redis::start();
+    redis.set("key", "hello");
+    let (_proxy, port) = start(&redis, &[]);
+    let mut raw = Raw::connect(port);
+    let request = b"*2\r\n$3\r\nGET\r\n$3\r\nkey\r\n";
+    for byte in &request[..request.len() - 1] {
+        raw.send(std::slice::from_ref(byte));
+        raw.stream.flush().unwrap();
+    }
+    // Nothing may be answered before the request is complete.
+    raw.stream.set_nonblocking(true).unwrap();
+    let mut early = [0u8; 64];
+    match raw.stream.read(&mut early) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+        other => panic!("answered an incomplete request: {other:?} {}", show(&early)),
+    }
+    raw.stream.set_nonblocking(false).unwrap();
+    raw.send(&request[request.len() - 1..]);
+    raw.expect(b"$5\r\nhello\r\n");
+    raw.roundtrip(b"PING\r\n", b"+PONG\r\n");
+}
+
+/// A malformed multibulk gets `-ERR Protocol error...` and a close; commands
+/// before it are answered, and the proxy keeps serving new clients.
+#[test]
+fn malformed_multibulk_is_a_protocol_error_and_close() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut raw = Raw::connect(port);
+    raw.send(b"*1\r\n$4\r\nPING\r\n*1\r\n+x\r\n");
+    let got = raw.read_until_closed();
+    let text = String::from_utf8_lossy(&got);
+    let rest = text
+        .strip_prefix("+PONG\r\n")
+        .unwrap_or_else(|| panic!("{text:?}"));
+    assert!(rest.starts_with("-ERR Protocol error"), "{text:?}");
+    assert!(
+        rest.ends_with("\r\n") && rest.matches("\r\n").count() == 1,
+        "{text:?}"
+    );
+
+    let mut next = Raw::connect(port);
+    next.roundtrip(b"PING\r\n", b"+PONG\r\n");
+}
+
+/// Over RESP_MAX_REQUEST_BYTES (4096) a 10000-byte bulk is a protocol error
+/// and a close; a request under the bound, and other clients, are served.
+#[test]
+fn request_over_the_size_bound_is_refused() {
+    let redis = Redis::start();
+    let long_key = "k".repeat(3000);
+    redis.set(&long_key, "under the bound");
+    redis.set("k", "v");
+    let (_proxy, port) = start(&redis, &[("RESP_MAX_REQUEST_BYTES", "4096")]);
+    let mut other = connect(port);
+    assert_eq!(get(&mut other, "k").as_deref(), Some(&b"v"[..]));
+
+    let mut raw = Raw::connect(port);
+    let mut request = b"*2\r\n$3\r\nGET\r\n$10000\r\n".to_vec();
+    request.extend(std::iter::repeat_n(b'x', 10_000));
+    request.extend_from_slice(b"\r\n");
+    // The proxy may close before reading it all; a failed write is fine.
+    let _ = raw.stream.write_all(&request);
+    let got = raw.read_until_closed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("-ERR Protocol error"), "{text:?}");
+
+    assert_eq!(
+        get(&mut other, &long_key).as_deref(),
+        Some(&b"under the bound"[..])
+    );
+    assert_eq!(get(&mut connect(port), "k").as_deref(), Some(&b"v"[..]));
+}
+
+// ---------------------------------------------------------------------------
+// redis-cli and redis-benchmark
+
+/// `redis-cli -p PORT GET k` prints the value (from the cache the second
+/// time), an absent key prints an empty line, and PING prints PONG.
+#[test]
+fn redis_cli_get_and_ping() {
+    let redis = Redis::start();
+    redis.set("k", "hello");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+
+    let r = cli(port, &["PING"]);
+    assert!(r.success, "{r:?}");
+    assert_eq!(r.stdout_text(), "PONG\n", "{r:?}");
+
+    let r = cli(port, &["GET", "k"]);
+    assert!(r.success, "{r:?}");
+    assert_eq!(r.stdout_text(), "hello\n", "{r:?}");
+    redis.set("k", "changed");
+    let r = cli(port, &["GET", "k"]);
+    assert_eq!(r.stdout_text(), "hello\n", "served from the cache: {r:?}");
+
+    let r = cli(port, &["GET", "absent"]);
+    assert!(r.success, "{r:?}");
+    assert_eq!(r.stdout_text(), "\n", "{r:?}");
+
+    let r = cli(port, &["MGET", "k", "absent"]);
+    assert_eq!(r.stdout_text(), "hello\n\n", "{r:?}");
+}
+
+/// redis-cli prints a binary value byte for byte, and the proxy's error
+/// lines for an unknown command.
+#[test]
+fn redis_cli_binary_value_and_errors() {
+    let redis = Redis::start();
+    let value: Vec<u8> = (0..=255u8).collect();
+    redis.set("bin", &value);
+    let (_proxy, port) = start(&redis, &[]);
+
+    let r = cli(port, &["GET", "bin"]);
+    assert!(r.success, "{r:?}");
+    let mut want = value;
+    want.push(b'\n');
+    assert_eq!(show(&r.stdout), show(&want));
+
+    let r = cli(port, &["NOSUCH", "arg"]);
+    assert!(
+        r.stdout_text().contains("ERR unknown command 'NOSUCH'"),
+        "{r:?}"
+    );
+}
+
+/// `redis-benchmark -t get -n 2000 -q` runs to success against the proxy,
+/// and its GETs went through the proxy's cache.
+#[test]
+fn redis_benchmark_get_smoke() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let info = proxy_info(&mut con);
+    let before = info_u64(&info, "cache_hits_total") + info_u64(&info, "cache_misses_total");
+
+    let port_arg = port.to_string();
+    let r = run(
+        "redis-benchmark",
+        &[
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port_arg,
+            "-t",
+            "get",
+            "-n",
+            "2000",
+            "-q",
+        ],
+        Duration::from_secs(60),
+    );
+    assert!(r.success, "{r:?}");
+    assert!(r.stdout_text().contains("GET: "), "{r:?}");
+    assert!(r.stdout_text().contains("requests per second"), "{r:?}");
+
+    let info = proxy_info(&mut con);
+    let after = info_u64(&info, "cache_hits_total") + info_u64(&info, "cache_misses_total");
+    assert!(after - before >= 2000, "only {} lookups", after - before);
+}
+
+// ---------------------------------------------------------------------------
+// Redis down, and single-flight misses
+
+/// With Redis stopped a cached key is still served and an uncached one gets
+/// `-ERR redis unavailable`.
+#[test]
+fn redis_down_serves_cached_and_refuses_uncached() {
+    let mut redis = Redis::start();
+    redis.set("cached", "still here");
+    redis.set("uncached", "never read");
+    let (_proxy, port) = start(
+        &redis,
+        &[("CACHE_TTL_MS", LONG_TTL), ("REDIS_TIMEOUT_MS", "500")],
+    );
+    let mut con = connect(port);
+    assert_eq!(get(&mut con, "cached").as_deref(), Some(&b"still here"[..]));
+
+    redis.stop();
+    assert_eq!(get(&mut con, "cached").as_deref(), Some(&b"still here"[..]));
+    assert_eq!(
+        expect_error(query(&mut con, &[b"GET", b"uncached"])),
+        "ERR redis unavailable"
+    );
+    let reply = query(&mut con, &[b"MGET", b"cached", b"uncached"]);
+    assert_eq!(expect_error(reply), "ERR redis unavailable");
+
+    // Every key cached: MGET needs no Redis.
+    assert_eq!(
+        query(&mut con, &[b"MGET", b"cached", b"cached"]).unwrap(),
+        Value::Array(vec![Value::BulkString(b"still here".to_vec()); 2])
+    );
+
+    let mut raw = Raw::connect(port);
+    raw.roundtrip(b"GET uncached\r\n", b"-ERR redis unavailable\r\n");
+    raw.roundtrip(b"GET cached\r\n", b"$10\r\nstill here\r\n");
+}
+
+/// 40 clients missing 2 keys at the same moment cost Redis exactly 2 GETs.
+#[test]
+fn concurrent_misses_cost_one_redis_get_per_key() {
+    const CLIENTS: usize = 40;
+    let redis = Redis::start();
+    redis.set("sf-a", "value a");
+    redis.set("sf-b", "value b");
+    let (_proxy, port) = start(&redis, &[("CACHE_TTL_MS", LONG_TTL)]);
+    let before = redis_get_counts(&redis);
+
+    let barrier = Arc::new(Barrier::new(CLIENTS));
+    let threads: Vec<_> = (0..CLIENTS)
+        .map(|i| {
+            let barrier = barrier.clone();
+            thread::spawn(move || {
+                let key = if i % 2 == 0 { "sf-a" } else { "sf-b" };
+                let mut con = connect(port);
+                barrier.wait();
+                (key, get(&mut con, key))
+            })
+        })
+        .collect();
+    for t in threads {
+        let (key, value) = t.join().expect("client thread");
+        let want = if key == "sf-a" { "value a" } else { "value b" };
+        assert_eq!(value.as_deref(), Some(want.as_bytes()), "{key}");
+    }
+
+    let after = redis_get_counts(&redis);
+    assert_eq!(after.0 - before.0, 2, "keyspace hits+misses seen by Redis");
+    assert_eq!(after.1 - before.1, 2, "GET commands seen by Redis");
+}
