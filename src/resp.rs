@@ -58,7 +58,7 @@ pub fn parse(
         return Ok(Parsed::Incomplete { need: 1 });
     }
     if buf[0] != b'*' {
-        return parse_inline(buf, args);
+        return parse_inline(buf, MAX_INLINE.min(max), args);
     }
     let (count, mut pos) = match read_int_line(buf, 1, "invalid multibulk length")? {
         Some(v) => v,
@@ -134,9 +134,13 @@ fn read_int_line(
     Ok(Some((n, from + cr + 2)))
 }
 
-fn parse_inline(buf: &[u8], args: &mut Vec<Range<usize>>) -> Result<Parsed, ProtocolError> {
-    let Some(nl) = buf.iter().take(MAX_INLINE + 1).position(|b| *b == b'\n') else {
-        if buf.len() > MAX_INLINE {
+fn parse_inline(
+    buf: &[u8],
+    limit: usize,
+    args: &mut Vec<Range<usize>>,
+) -> Result<Parsed, ProtocolError> {
+    let Some(nl) = buf.iter().take(limit + 1).position(|b| *b == b'\n') else {
+        if buf.len() > limit {
             return Err(ProtocolError("too big inline request".into()));
         }
         return Ok(Parsed::Incomplete {
@@ -776,6 +780,18 @@ mod tests {
             assert!(parse(bad, 1 << 20, &mut args).is_err(), "{bad:?}");
         }
         assert!(parse(&[b'a'; MAX_INLINE + 2], 1 << 20, &mut args).is_err());
+    }
+
+    /// An inline command longer than the request bound is refused.
+    #[test]
+    fn inline_over_limit() {
+        let mut args = Vec::new();
+        let mut line = b"GET ".to_vec();
+        line.extend(std::iter::repeat_n(b'x', 2000));
+        assert!(parse(&line, 1024, &mut args).is_err());
+        line.extend_from_slice(b"\r\n");
+        assert!(parse(&line, 1024, &mut args).is_err());
+        assert!(parse(&line, 4096, &mut args).is_ok());
     }
 
     /// A bulk longer than the request bound is refused before it is buffered.

@@ -808,6 +808,24 @@ fn request_over_the_size_bound_is_refused() {
     assert_eq!(get(&mut connect(port), "k").as_deref(), Some(&b"v"[..]));
 }
 
+/// An inline command over RESP_MAX_REQUEST_BYTES is a protocol error and a
+/// close too, not only a multibulk one.
+#[test]
+fn inline_request_over_the_size_bound_is_refused() {
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[("RESP_MAX_REQUEST_BYTES", "4096")]);
+    let mut raw = Raw::connect(port);
+    let mut request = b"GET ".to_vec();
+    request.extend(std::iter::repeat_n(b'x', 10_000));
+    request.extend_from_slice(b"\r\n");
+    let _ = raw.stream.write_all(&request);
+    let got = raw.read_until_closed();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("-ERR Protocol error"), "{text:?}");
+    let mut other = connect(port);
+    assert_eq!(get(&mut other, "absent-key"), None);
+}
+
 // ---------------------------------------------------------------------------
 // redis-cli and redis-benchmark
 
