@@ -96,6 +96,9 @@ impl Proxy {
     /// every concurrent miss on the key. `hint` picks the Redis connection
     /// (the client's fd, so both sockets share a worker).
     pub fn get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
+        // Read before deciding the cache is usable: a flush between the two
+        // would otherwise go unseen by the fetch below.
+        let generation = self.generation.load(Ordering::SeqCst);
         if !self.cache_usable() {
             // Tracking lapsed: invalidations could be missed, so bypass the cache.
             self.metrics.misses.inc();
@@ -156,7 +159,7 @@ impl Proxy {
         // our flight: take its value rather than asking Redis again.
         let result = match self.cache.get(&key) {
             Some(value) => Ok(Some(value)),
-            None => self.fetch(&key, hint, &flight),
+            None => self.fetch(&key, hint, &flight, generation),
         };
         flight.result.set(result.clone()).ok();
         drop(landing);
@@ -174,6 +177,7 @@ impl Proxy {
         keys: &[&[u8]],
         hint: usize,
     ) -> Result<Vec<Option<Value>>, BackendError> {
+        let generation = self.generation.load(Ordering::SeqCst);
         let usable = self.cache_usable();
         let mut out = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
@@ -193,7 +197,6 @@ impl Proxy {
             return Ok(out);
         }
         let epoch = self.epoch.load(Ordering::SeqCst);
-        let generation = self.generation.load(Ordering::SeqCst);
         let miss_keys: Vec<&[u8]> = missing.iter().map(|&i| keys[i]).collect();
         let results = self.backend.get_many(hint, &miss_keys)?;
         for (&i, result) in missing.iter().zip(results) {
@@ -217,8 +220,7 @@ impl Proxy {
         Ok(out)
     }
 
-    fn fetch(&self, key: &Key, hint: usize, flight: &Flight) -> FlightResult {
-        let generation = self.generation.load(Ordering::SeqCst);
+    fn fetch(&self, key: &Key, hint: usize, flight: &Flight, generation: u64) -> FlightResult {
         let value = self.backend.get(hint, key)?.map(Value::from);
         if let Some(value) = &value {
             self.cache.insert(key.clone(), value.clone());
