@@ -67,6 +67,8 @@ pub struct Clients {
     idle: Duration,
     origin: Instant,
     registry: DashMap<usize, Arc<ConnState>>,
+    /// Set at shutdown: replies ask clients to close.
+    draining: AtomicBool,
     metrics: Arc<Metrics>,
 }
 
@@ -87,6 +89,7 @@ impl Clients {
             idle,
             origin: Instant::now(),
             registry: DashMap::new(),
+            draining: AtomicBool::new(false),
             metrics,
         })
     }
@@ -228,6 +231,21 @@ impl Clients {
             .count()
     }
 
+    /// Marks the start of a graceful shutdown.
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::SeqCst);
+    }
+
+    /// Connections with a request in progress, or with reply bytes the
+    /// client has not yet acknowledged (counted from the kernel's send queue:
+    /// while may_minihttp still holds part of a reply, that queue is not empty).
+    pub fn unfinished(&self) -> usize {
+        self.registry
+            .iter()
+            .filter(|e| e.value().busy.load(Ordering::SeqCst) || sys::unsent_bytes(*e.key()) > 0)
+            .count()
+    }
+
     /// Stops reading on every registered connection (graceful shutdown): a
     /// reply being produced is still written, then each connection ends.
     pub fn close_all(&self) {
@@ -255,6 +273,13 @@ impl Permit {
     pub fn close_after_reply(&self) {
         self.state.closed.store(true, Ordering::Relaxed);
         sys::shutdown_read(self.fd);
+    }
+
+    /// True once a graceful shutdown has begun.
+    pub fn draining(&self) -> bool {
+        // SeqCst pairs with `begin`'s busy flag: either this request sees the
+        // drain, or the drain sees this request busy and waits for it.
+        self.clients.draining.load(Ordering::SeqCst)
     }
 
     /// Records `n` response bytes handed to the connection.
@@ -327,6 +352,18 @@ mod sys {
         // SAFETY: as above; the caller guarantees the fd is still this connection's.
         unsafe {
             libc::shutdown(fd as libc::c_int, libc::SHUT_RDWR);
+        }
+    }
+
+    /// Bytes in the socket's send queue not yet acknowledged by the peer.
+    pub fn unsent_bytes(fd: usize) -> usize {
+        let mut n: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int for a socket fd.
+        let rc = unsafe { libc::ioctl(fd as libc::c_int, libc::TIOCOUTQ, &mut n) };
+        if rc == 0 {
+            n.max(0) as usize
+        } else {
+            0
         }
     }
 

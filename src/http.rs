@@ -7,6 +7,7 @@
 //! touches the cache or Redis directly.
 
 use std::borrow::Cow;
+use std::cell::Cell;
 use std::io::{self, Read};
 use std::sync::Arc;
 use std::time::Instant;
@@ -167,6 +168,7 @@ impl HttpServiceFactory for HttpFactory {
             fd,
             allow_writes: self.allow_writes,
             max_body: self.max_body,
+            abandoned: Cell::new(false),
         }
     }
 }
@@ -179,6 +181,9 @@ pub struct HttpConn {
     fd: usize,
     allow_writes: bool,
     max_body: usize,
+    /// Set once the connection is to end after this reply; later requests
+    /// already buffered by may_minihttp are refused, not served.
+    abandoned: Cell<bool>,
 }
 
 /// Largest body of a request that takes none (e.g. a GET with a body) that
@@ -337,13 +342,21 @@ impl HttpConn {
 }
 
 impl HttpConn {
+    /// Ends the connection after the reply being built, and refuses any
+    /// request may_minihttp has already buffered behind this one (where this
+    /// request ends may be unknown: serving them would allow smuggling).
+    fn abandon(&self) {
+        self.abandoned.set(true);
+        self.permit.close_after_reply();
+    }
+
     /// PUT (SET) and DELETE (DEL), when writes are allowed.
     fn write(&self, req: Request, body_len: usize) -> Reply {
         let target = match parse_target(req.path().as_bytes()) {
             Ok(target) => target,
             Err(e) => {
                 if body_len > MAX_DISCARD {
-                    self.permit.close_after_reply();
+                    self.abandon();
                 } else {
                     let _ = io::copy(&mut req.body(), &mut io::sink());
                 }
@@ -363,12 +376,12 @@ impl HttpConn {
             };
         }
         if body_len > self.max_body {
-            self.permit.close_after_reply();
+            self.abandon();
             return Reply::error(413, "body too large", Some(&key));
         }
         let mut value = Vec::with_capacity(body_len);
         if req.body().read_to_end(&mut value).is_err() || value.len() != body_len {
-            self.permit.close_after_reply();
+            self.abandon();
             return Reply::error(400, "body shorter than Content-Length", Some(&key));
         }
         let cmd = redis::cmd("SET").arg(&key).arg(&value).get_packed_command();
@@ -467,13 +480,33 @@ impl HttpService for HttpConn {
             rsp.body_vec(reply.body);
             return Ok(());
         }
+        if self.abandoned.get() {
+            // Bytes after a request whose end was unknown, or after a close
+            // was promised: never treat them as requests.
+            rsp.status_code(400, reason(400))
+                .header("Content-Type: application/json")
+                .header("Connection: close");
+            rsp.body_vec(error_body("connection is closing", None));
+            return Ok(());
+        }
         let _in_flight = self.permit.begin(started);
+        if self.permit.draining() {
+            // Shutting down: a request that arrived after the drain began
+            // gets a short refusal, so no long reply is cut when reading ends.
+            self.abandon();
+            rsp.status_code(503, reason(503))
+                .header("Content-Type: application/json")
+                .header("Retry-After: 1")
+                .header("Connection: close");
+            rsp.body_vec(error_body("shutting down", None));
+            return Ok(());
+        }
         let head = req.method() == "HEAD";
         let closing = wants_close(&req);
         let reply = match body_length(&req) {
             Err(why) => {
                 // Where this request ends is unknown: answer, then close.
-                self.permit.close_after_reply();
+                self.abandon();
                 Reply::error(400, why, None)
             }
             Ok(len) if self.allow_writes && matches!(req.method(), "PUT" | "DELETE") => {
@@ -482,7 +515,7 @@ impl HttpService for HttpConn {
             Ok(len) => {
                 let reply = self.route(&req);
                 if len > MAX_DISCARD {
-                    self.permit.close_after_reply();
+                    self.abandon();
                 } else if len > 0 {
                     let _ = io::copy(&mut req.body(), &mut io::sink());
                 }
@@ -511,7 +544,11 @@ impl HttpService for HttpConn {
         // be followed by a close: may_minihttp drops what it could not write.
         if closing && body_len <= CLOSE_AFTER_MAX_BODY {
             rsp.header("Connection: close");
-            self.permit.close_after_reply();
+            self.abandon();
+        } else if self.permit.draining() {
+            // Shutting down: ask the client to go; the server closes the
+            // connection itself once the reply has been delivered.
+            rsp.header("Connection: close");
         }
         self.proxy
             .metrics()

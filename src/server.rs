@@ -146,9 +146,23 @@ impl Server {
             // connections already accepted run on their own coroutines.
             unsafe { listener.coroutine().cancel() };
         }
+        self.clients.start_draining();
+        // Wait for requests in progress and for replies still on their way
+        // (may_minihttp drops the unwritten part of a reply once reading
+        // ends); three quiet checks in a row, since a woken connection writes
+        // its next chunk a moment after the queue drains. Requests arriving
+        // now are refused with a short 503 (see `http`).
         let deadline = Instant::now() + grace;
-        while self.clients.in_flight() > 0 && Instant::now() < deadline {
-            thread::sleep(Duration::from_millis(5));
+        let mut quiet = 0;
+        while quiet < 3 && Instant::now() < deadline {
+            let unfinished = self.clients.unfinished();
+            log::debug!("shutdown: {unfinished} connections unfinished");
+            if unfinished == 0 {
+                quiet += 1;
+            } else {
+                quiet = 0;
+            }
+            thread::sleep(Duration::from_millis(10));
         }
         // Requests that arrived since the last check finish too: closing
         // only the read side lets each connection write its reply first.
