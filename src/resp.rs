@@ -93,7 +93,7 @@ pub fn parse(
             return Err(ProtocolError("invalid bulk length".into()));
         }
         let end = start + len as usize;
-        if end > max {
+        if end + 2 > max {
             return Err(ProtocolError("request too large".into()));
         }
         if buf.len() < end + 2 {
@@ -129,8 +129,19 @@ fn read_int_line(
     if buf[from + cr + 1] != b'\n' {
         return Err(ProtocolError(what.into()));
     }
-    let digits = std::str::from_utf8(&window[..cr]).map_err(|_| ProtocolError(what.into()))?;
-    let n: i64 = digits.parse().map_err(|_| ProtocolError(what.into()))?;
+    // As strict as Redis: an optional '-', then digits without leading zeros.
+    let line = &window[..cr];
+    let digits = line.strip_prefix(b"-").unwrap_or(line);
+    let canonical = !digits.is_empty()
+        && digits.iter().all(u8::is_ascii_digit)
+        && (digits[0] != b'0' || digits.len() == 1);
+    if !canonical {
+        return Err(ProtocolError(what.into()));
+    }
+    let n: i64 = std::str::from_utf8(line)
+        .ok()
+        .and_then(|d| d.parse().ok())
+        .ok_or_else(|| ProtocolError(what.into()))?;
     Ok(Some((n, from + cr + 2)))
 }
 
@@ -776,6 +787,8 @@ mod tests {
             b"*1\r\n$3\r\nGETxx",
             b"*99999999999999999999999\r\n",
             b"*1\r\n$1\rX",
+            b"*+1\r\n$3\r\nGET\r\n",
+            b"*1\r\n$03\r\nGET\r\n",
         ] {
             assert!(parse(bad, 1 << 20, &mut args).is_err(), "{bad:?}");
         }
