@@ -64,15 +64,9 @@ impl Counter {
     }
 }
 
-/// This thread's cell. Read within one call, never held across a yield, so
-/// coroutines migrating between workers is harmless.
+/// This thread's cell (see [`crate::cache`]'s read stripes: same rule).
 fn stripe() -> usize {
-    use std::sync::atomic::AtomicUsize;
-    static NEXT: AtomicUsize = AtomicUsize::new(0);
-    thread_local! {
-        static STRIPE: usize = NEXT.fetch_add(1, Ordering::Relaxed) % STRIPES;
-    }
-    STRIPE.with(|s| *s)
+    crate::cache::thread_stripe() % STRIPES
 }
 
 /// A fixed-bucket latency histogram.
