@@ -24,31 +24,33 @@
 //! (hashbrown's default), `ours` (DashMap) and `moka` with SipHash.
 //!
 //! # Last figures
-//! 2026-11-25 22:07 UTC, `nproc` = 2 (KVM guest, AMD EPYC family 26, shared
-//! with other jobs: load average 1.4-2.2 during the run), Rust 1.95,
-//! criterion `sample_size(10)`, 1 s warm-up, 2 s measurement. Mops/s is
-//! criterion's point estimate; 4 threads oversubscribe the 2 cores.
+//! 2026-11-25 22:53 UTC, `nproc` = 2 (KVM guest, AMD EPYC, shared machine,
+//! load average ~0.2 at start), Rust 1.95, criterion `sample_size(10)`, 1 s
+//! warm-up, 2 s measurement, after the cache moved to a TSC clock and
+//! per-thread read stripes. Mops/s is criterion's point estimate; 4 threads
+//! oversubscribe the 2 cores.
 //!
 //! | workload     | threads |  ours |   lru |  moka | ours/lru | ours/moka |
 //! |--------------|--------:|------:|------:|------:|---------:|----------:|
-//! | hit          |       1 | 10.23 | 35.36 |  5.28 |    0.29x |     1.94x |
-//! | hit          |       2 |  3.91 |  7.11 |  4.85 |    0.55x |     0.81x |
-//! | hit          |       4 |  9.59 |  9.36 |  2.81 |    1.03x |     3.41x |
-//! | insert_evict |       1 |  3.13 | 13.21 |  0.90 |    0.24x |     3.50x |
-//! | insert_evict |       2 |  1.97 |  7.94 |  0.59 |    0.25x |     3.36x |
-//! | insert_evict |       4 |  1.38 |  4.75 |  0.81 |    0.29x |     1.71x |
-//! | mix_90_10    |       1 |  8.24 | 32.03 |  4.33 |    0.26x |     1.90x |
-//! | mix_90_10    |       2 |  8.45 |  8.46 |  5.90 |    1.00x |     1.43x |
-//! | mix_90_10    |       4 |  7.90 |  9.25 |  4.95 |    0.85x |     1.60x |
+//! | hit          |       1 | 13.51 | 34.75 |  5.35 |    0.39x |     2.53x |
+//! | hit          |       2 | 20.19 | 11.13 |  7.70 |    1.81x |     2.62x |
+//! | hit          |       4 | 19.02 | 13.34 |  8.55 |    1.43x |     2.22x |
+//! | insert_evict |       1 |  5.64 | 13.75 |  1.02 |    0.41x |     5.53x |
+//! | insert_evict |       2 |  1.76 |  4.47 |  0.40 |    0.39x |     4.40x |
+//! | insert_evict |       4 |  2.22 |  6.03 |  0.45 |    0.37x |     4.93x |
+//! | mix_90_10    |       1 | 11.83 | 32.85 |  4.24 |    0.36x |     2.79x |
+//! | mix_90_10    |       2 | 12.16 |  8.26 |  1.92 |    1.47x |     6.33x |
+//! | mix_90_10    |       4 |  4.05 | 11.01 |  4.94 |    0.37x |     0.82x |
 //!
 //! Read the multi-thread rows with care: they are not stable on this VM.
-//! A cache-line round trip between two threads measured 44-101 ns at some
-//! times and 377-468 ns at others, minutes apart, and `hit`/`ours` at 2
-//! threads switches between two modes: in the run above 9 of 10 samples
-//! took about 610 ns per iteration (one op on each thread, 3.3 Mops/s) and
-//! one took 189 ns (10.6 Mops/s); runs of that benchmark alone gave either
-//! 10.3-11.0 or 3.1-3.5 Mops/s. Single-thread rows agreed with an earlier
-//! run within 25% (most within 5%).
+//! An earlier run (22:07, before the clock and stripe changes) had `hit` at
+//! 2 threads at 3.91 (ours) / 7.11 (lru) / 4.85 (moka) Mops/s: a cache-line
+//! round trip between two threads measured 44-101 ns at some times and
+//! 377-468 ns at others, minutes apart, and contended rows swing with it.
+//! Single-thread rows repeat within 25% (most within 5%). Inserts take the
+//! one order lock, so `insert_evict` does not scale; a single-threaded
+//! `Mutex<LruCache>` is the faster structure whenever one core does all the
+//! work.
 
 use std::hint::black_box;
 use std::num::NonZeroUsize;
