@@ -18,7 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::{free_port, ping, poll_for, poll_until, Http, Redis, BIN, DEADLINE, POLL, PROXY_ENV};
+use common::{free_port, ping, poll_for, poll_until, Http, Redis, BIN, DEADLINE, POLL};
 
 /// A TTL long enough that nothing expires during a test.
 const LONG_TTL: &str = "600000";
@@ -68,7 +68,7 @@ struct Running {
 fn spawn_proxy(redis_url: &str, env: &[(&str, &str)]) -> Running {
     let port = free_port();
     let mut cmd = Command::new(BIN);
-    for name in PROXY_ENV {
+    for name in redis_proxy::config::ENV_NAMES {
         cmd.env_remove(name);
     }
     cmd.env("PROXY_PORT", port.to_string())

@@ -27,29 +27,6 @@ pub const POLL: Duration = Duration::from_millis(20);
 /// The binary under test.
 pub const BIN: &str = env!("CARGO_BIN_EXE_redis-proxy");
 
-/// Environment variables the binary reads (see `config::ENV_NAMES`); removed
-/// from every child so the runner's own environment cannot leak in.
-pub const PROXY_ENV: &[&str] = &[
-    "REDIS_URL",
-    "REDIS_HOST",
-    "REDIS_PORT",
-    "REDIS_DB",
-    "PROXY_HOST",
-    "PROXY_PORT",
-    "RESP_PORT",
-    "CACHE_TTL_MS",
-    "CACHE_CAPACITY",
-    "PROXY_MAX_CLIENTS",
-    "PROXY_WORKERS",
-    "REDIS_TIMEOUT_MS",
-    "PROXY_IDLE_TIMEOUT_MS",
-    "CACHE_INVALIDATION",
-    "PROXY_ALLOW_WRITES",
-    "PROXY_SHUTDOWN_GRACE_MS",
-    "RESP_MAX_REQUEST_BYTES",
-    "RUST_LOG",
-];
-
 /// Ports handed out by [`free_port`] in this test process. Never handing one
 /// out twice matters: the proxy binds with SO_REUSEPORT, so two proxies given
 /// the same port would both start and silently share the traffic.
@@ -481,7 +458,8 @@ impl ProxyBuilder {
 
     fn command(&self, port: u16, resp_port: Option<u16>) -> Command {
         let mut cmd = Command::new(BIN);
-        for name in PROXY_ENV {
+        // The runner's own environment must not leak into the binary.
+        for name in redis_proxy::config::ENV_NAMES {
             cmd.env_remove(name);
         }
         cmd.env("PROXY_PORT", port.to_string())
