@@ -105,8 +105,11 @@ impl Clients {
     }
 
     /// Takes a permit for the connection on `fd`, or `None` at the limit.
-    /// Never waits: it runs in the accept loop.
+    /// Never waits: it runs in the accept loop. Also turns Nagle off: a
+    /// reply is written whole, so nothing is gained by delaying it (and
+    /// may_minihttp's accept loop does not do it).
     pub fn admit(self: &Arc<Self>, fd: usize, max_pending_bytes: usize) -> Option<Permit> {
+        sys::set_nodelay(fd);
         if !self.permits.try_wait() {
             self.metrics
                 .clients_rejected
@@ -338,6 +341,20 @@ mod sys {
         // SAFETY: shutdown on a live socket fd; errors are ignored on purpose.
         unsafe {
             libc::shutdown(fd as libc::c_int, libc::SHUT_WR);
+        }
+    }
+
+    pub fn set_nodelay(fd: usize) {
+        let one: libc::c_int = 1;
+        // SAFETY: setsockopt with a valid int option on a live socket fd.
+        unsafe {
+            libc::setsockopt(
+                fd as libc::c_int,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            );
         }
     }
 
