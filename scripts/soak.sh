@@ -36,17 +36,20 @@ start_redis() {
   for _ in $(seq 1 100); do redis-cli -p "$redis_port" ping >/dev/null 2>&1 && return 0; sleep 0.05; done
   echo "soak: redis did not start" >&2; exit 1
 }
-rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
-
-start_redis
-# 20,000 keys of 100 bytes; the cache holds 2,000 of them.
-python3 - "$redis_port" <<'PY' | redis-cli -p "$redis_port" --pipe >/dev/null
-import sys
+# 20,000 keys of 100 bytes, written with one pipelined redis-cli.
+seed() {
+  python3 -c '
 v = "v" * 100
 for i in range(20000):
     k = f"key:{i}"
-    print(f"*3\r\n$3\r\nSET\r\n${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r", end="\n")
-PY
+    print(f"*3\r\n$3\r\nSET\r\n${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r")
+' | redis-cli -p "$redis_port" --pipe >/dev/null
+}
+rss_kb() { awk '/VmRSS/ {print $2}' "/proc/$1/status"; }
+
+start_redis
+# The cache holds 2,000 of the 20,000 keys.
+seed
 
 REDIS_URL="redis://127.0.0.1:$redis_port/0" PROXY_PORT=$proxy_port CACHE_CAPACITY=2000 \
   CACHE_TTL_MS=5000 REDIS_TIMEOUT_MS=500 RUST_LOG=warn \
@@ -117,12 +120,7 @@ restart_at() {
   redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true
   sleep "$DOWN_SECONDS"
   start_redis
-  python3 - "$redis_port" <<'PY' | redis-cli -p "$redis_port" --pipe >/dev/null
-v = "v" * 100
-for i in range(20000):
-    k = f"key:{i}"
-    print(f"*3\r\n$3\r\nSET\r\n${len(k)}\r\n{k}\r\n${len(v)}\r\n{v}\r", end="\n")
-PY
+  seed
   # Service must be back within 1 s of Redis returning: allow 2 s of slack.
   windows+=("$down:$(( $(date +%s) + 2 ))")
 }
