@@ -226,14 +226,6 @@ impl Clients {
         }
     }
 
-    /// Requests being processed now.
-    pub fn in_flight(&self) -> usize {
-        self.registry
-            .iter()
-            .filter(|e| e.value().busy.load(Ordering::SeqCst))
-            .count()
-    }
-
     /// Marks the start of a graceful shutdown.
     pub fn start_draining(&self) {
         self.draining.store(true, Ordering::SeqCst);
