@@ -25,10 +25,14 @@ fn main() -> ExitCode {
         return bad_setting(&e.to_string());
     }
     // may_minihttp logs every client disconnect as an error; keep it quiet
-    // unless the filter names it explicitly.
+    // unless the filter names it explicitly. Same for may's own chatter.
     let mut filter = std::env::var("RUST_LOG").unwrap_or_else(|_| "info".into());
     if !filter.contains("may_minihttp") {
         filter.push_str(",may_minihttp=off");
+    }
+    // may logs every epoll deregistration at info.
+    if !filter.split(',').any(|d| d.starts_with("may=")) {
+        filter.push_str(",may=warn");
     }
     env_logger::Builder::new().parse_filters(&filter).init();
 
