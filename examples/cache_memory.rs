@@ -58,20 +58,22 @@ fn rss() -> usize {
     pages * page
 }
 
-fn key(i: usize) -> Bytes {
-    Bytes::from(format!("key:{i:07}").into_bytes())
+fn key(i: usize) -> Vec<u8> {
+    format!("key:{i:07}").into_bytes()
 }
 
-fn value(i: usize) -> Bytes {
-    Bytes::from(vec![(i % 251) as u8; VALUE_LEN])
+fn value(i: usize) -> Vec<u8> {
+    vec![(i % 251) as u8; VALUE_LEN]
 }
 
 /// Fills one implementation; returns (RSS growth, payload bytes, entries
-/// held), reading RSS while the cache is still alive.
+/// held), reading RSS while the cache is still alive. Key and value arrive
+/// as byte vectors (as a Redis reply does); each implementation stores them
+/// its own way, and the vectors are freed before the next entry.
 fn fill(which: &str) -> (usize, usize, usize) {
     let before = rss();
     let mut payload = 0;
-    let mut insert = |put: &mut dyn FnMut(Bytes, Bytes), i: usize| {
+    let mut insert = |put: &mut dyn FnMut(Vec<u8>, Vec<u8>), i: usize| {
         let (k, v) = (key(i), value(i));
         payload += k.len() + v.len();
         put(k, v);
@@ -80,7 +82,7 @@ fn fill(which: &str) -> (usize, usize, usize) {
         "floor" => {
             let mut pairs: Vec<(Bytes, Bytes)> = Vec::with_capacity(ENTRIES);
             for i in 0..ENTRIES {
-                insert(&mut |k, v| pairs.push((k, v)), i);
+                insert(&mut |k, v| pairs.push((k.into(), v.into())), i);
             }
             (pairs.len(), rss())
         }
@@ -88,7 +90,7 @@ fn fill(which: &str) -> (usize, usize, usize) {
             let ttl = Duration::from_secs(3600);
             let cache = Cache::new(ENTRIES, ttl, Arc::new(SystemClock::default()));
             for i in 0..ENTRIES {
-                insert(&mut |k, v| cache.insert(k, v), i);
+                insert(&mut |k, v| drop(cache.insert(&k, &v)), i);
             }
             (cache.len(), rss())
         }
@@ -96,7 +98,10 @@ fn fill(which: &str) -> (usize, usize, usize) {
             let cap = NonZeroUsize::new(ENTRIES).unwrap();
             let cache = Mutex::new(lru::LruCache::<Bytes, Bytes>::new(cap));
             for i in 0..ENTRIES {
-                insert(&mut |k, v| drop(cache.lock().unwrap().put(k, v)), i);
+                insert(
+                    &mut |k, v| drop(cache.lock().unwrap().put(k.into(), v.into())),
+                    i,
+                );
             }
             let held = cache.lock().unwrap().len();
             (held, rss())
@@ -108,7 +113,7 @@ fn fill(which: &str) -> (usize, usize, usize) {
                 .eviction_policy(moka::policy::EvictionPolicy::lru())
                 .build();
             for i in 0..ENTRIES {
-                insert(&mut |k, v| cache.insert(k, v), i);
+                insert(&mut |k, v| cache.insert(k.into(), v.into()), i);
             }
             // Let pending maintenance land so the figure is its steady state.
             cache.run_pending_tasks();

@@ -6,10 +6,13 @@
 //! load and counts hits and misses; this module only counts what it evicts.
 //!
 //! # Design
-//! Values live in a [`DashMap`], so a hit takes one shard read lock and never
-//! the global lock. The recency order (a doubly linked list of slab nodes) and
-//! the insertion order (a second list through the same nodes) sit behind one
-//! `Mutex<Order>`. A hit records `(node, generation, time)` into a bounded
+//! Each entry is one allocation holding its key, its value, its slab node and
+//! its insertion time ([`Value`], 24 bytes of header behind a thin pointer);
+//! the entries live in a [`DashMap`] keyed by themselves, so a hit takes one
+//! shard read lock and never the global lock. The recency order (a doubly
+//! linked list of 24-byte slab nodes) and the insertion order (a second list
+//! through the same nodes) sit behind one `Mutex<Order>`. A hit records
+//! `(node, entry address, time)` into a bounded
 //! lossy channel of its thread's stripe (`try_send`, dropped when full) and
 //! drains the stripes itself under `try_lock` once its own is a quarter full,
 //! as Caffeine and moka do. Every insert drains all stripes under the lock,
@@ -23,6 +26,10 @@
 //! finds a live entry, O(expired) per sweep. Reads also check age lazily, so
 //! an entry is never served once `age >= ttl`, swept or not.
 
+mod entry;
+
+use std::borrow::Borrow;
+use std::hash::{Hash, Hasher};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::thread;
@@ -31,10 +38,7 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
 
-/// Keys are shared between the map and the order list without copying.
-pub type Key = Arc<[u8]>;
-/// Values are reference counted: a hit clones a pointer, never the bytes.
-pub type Value = Arc<[u8]>;
+pub use entry::{Value, MAX_VALUE_BYTES};
 
 /// Capacity of the lossy read buffer (hits waiting to be applied to the order).
 pub const READ_BUFFER: usize = 1024;
@@ -119,30 +123,52 @@ pub struct CacheStats {
     pub dropped_reads: AtomicU64,
 }
 
-/// One map entry. `node`/`gen` name its slab node in `Order`, so a hit can
-/// record its read without touching the order lock.
-struct Slot {
-    value: Value,
-    born: u64,
-    node: u32,
-    gen: u32,
+/// The map's key: the entry itself, hashed and compared by its key bytes,
+/// so a bucket is one thin pointer and the key is stored once.
+struct ByKey(Value);
+
+impl Hash for ByKey {
+    fn hash<H: Hasher>(&self, state: &mut H) {
+        // Must hash exactly as `[u8]` does, for lookups by `&[u8]` (Borrow).
+        self.0.key().hash(state)
+    }
 }
 
-/// A read waiting to be applied to the recency order. `at` orders reads
-/// recorded in different stripes.
+impl PartialEq for ByKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.key() == other.0.key()
+    }
+}
+
+impl Eq for ByKey {}
+
+impl Borrow<[u8]> for ByKey {
+    fn borrow(&self) -> &[u8] {
+        self.0.key()
+    }
+}
+
+/// A read waiting to be applied to the recency order: the entry's node and
+/// the entry's address, which must still match when the read is applied.
+/// `at` orders reads recorded in different stripes.
+///
+/// The address cannot name a newer entry (ABA): a hit pushes its read while
+/// it still holds a handle to the entry, so the entry's memory is freed,
+/// and can be reused by another entry, only after the push; and a node gets
+/// a new entry only in `insert`, which first drains every read pushed
+/// before it began (a stripe never holds more than the drain takes).
 #[derive(Clone, Copy)]
 struct Read {
+    addr: usize,
     node: u32,
-    gen: u32,
     at: u64,
 }
 
 /// A slab node, linked into both the recency list and the insertion list.
-/// `key` is `None` while the node is on the free list.
+/// `entry` is `None` while the node is on the free list, which is chained
+/// through `lru_next`. 24 bytes.
 struct Node {
-    key: Option<Key>,
-    born: u64,
-    gen: u32,
+    entry: Option<Value>,
     lru_prev: u32,
     lru_next: u32,
     ttl_prev: u32,
@@ -151,10 +177,10 @@ struct Node {
 
 /// Both orders over the cached keys. Guarded by one mutex because every
 /// change to the set of keys touches both lists and the map together.
-#[derive(Default)]
 struct Order {
     nodes: Vec<Node>,
-    free: Vec<u32>,
+    /// Head of the free-node list.
+    free: u32,
     /// Keys held (the map's length, without taking all its shard locks).
     len: usize,
     /// Scratch space for merging the read stripes.
@@ -172,61 +198,63 @@ struct Order {
 impl Order {
     fn new() -> Self {
         Order {
+            nodes: Vec::new(),
+            free: NIL,
+            len: 0,
+            pending: Vec::new(),
             lru_head: NIL,
             lru_tail: NIL,
             ttl_head: NIL,
             ttl_tail: NIL,
-            ..Default::default()
         }
     }
 
-    /// Takes a node for `key`, links it as most recently read and newest.
-    fn alloc(&mut self, key: Key, born: u64) -> (u32, u32) {
-        let idx = match self.free.pop() {
-            Some(idx) => idx,
-            None => {
+    /// Takes a node for `entry`, links it as most recently read and newest.
+    fn alloc(&mut self, entry: Value) -> u32 {
+        let idx = match self.free {
+            NIL => {
+                let idx = u32::try_from(self.nodes.len())
+                    .ok()
+                    .filter(|&i| i != NIL)
+                    .expect("more than u32::MAX - 1 cached keys");
                 self.nodes.push(Node {
-                    key: None,
-                    born: 0,
-                    gen: 0,
+                    entry: None,
                     lru_prev: NIL,
                     lru_next: NIL,
                     ttl_prev: NIL,
                     ttl_next: NIL,
                 });
-                (self.nodes.len() - 1) as u32
+                idx
+            }
+            idx => {
+                self.free = self.nodes[idx as usize].lru_next;
+                idx
             }
         };
         self.len += 1;
-        let node = &mut self.nodes[idx as usize];
-        node.key = Some(key);
-        node.born = born;
-        let gen = node.gen;
+        self.nodes[idx as usize].entry = Some(entry);
         self.lru_push_front(idx);
         self.ttl_push_back(idx);
-        (idx, gen)
+        idx
     }
 
-    /// Unlinks a node from both lists and frees it; returns its key.
-    fn release(&mut self, idx: u32) -> Option<Key> {
+    /// Unlinks a node from both lists and frees it; returns its entry.
+    fn release(&mut self, idx: u32) -> Option<Value> {
+        let entry = self.nodes.get_mut(idx as usize)?.entry.take()?;
         self.lru_unlink(idx);
         self.ttl_unlink(idx);
-        let node = &mut self.nodes[idx as usize];
-        // A new generation makes reads recorded for the old key stale.
-        node.gen = node.gen.wrapping_add(1);
-        self.free.push(idx);
-        let key = node.key.take();
-        if key.is_some() {
-            self.len -= 1;
-        }
-        key
+        self.nodes[idx as usize].lru_next = self.free;
+        self.free = idx;
+        self.len -= 1;
+        Some(entry)
     }
 
     fn touch(&mut self, read: Read) {
         let Some(node) = self.nodes.get(read.node as usize) else {
             return;
         };
-        if node.gen != read.gen || node.key.is_none() || self.lru_head == read.node {
+        let current = node.entry.as_ref().is_some_and(|e| e.addr() == read.addr);
+        if !current || self.lru_head == read.node {
             return;
         }
         self.lru_unlink(read.node);
@@ -300,7 +328,9 @@ impl Order {
 
 /// The shared cache: one per process, used by every worker.
 pub struct Cache {
-    map: DashMap<Key, Slot>,
+    /// Every entry, by key. Values carry their own node and birth time, so
+    /// the map holds nothing else.
+    map: DashMap<ByKey, ()>,
     /// Every change to the set of keys happens under this lock, so the map and
     /// both lists always hold the same keys and `len() <= capacity` holds.
     order: Mutex<Order>,
@@ -353,17 +383,19 @@ impl Cache {
     /// the read buffer needs draining and the lock is free.
     pub fn get(&self, key: &[u8]) -> Option<Value> {
         let now = self.clock.now();
-        let (value, read) = {
-            let slot = self.map.get(key)?;
-            if now.saturating_sub(slot.born) >= self.ttl {
+        let value = {
+            let found = self.map.get(key)?;
+            let entry = &found.key().0;
+            if now.saturating_sub(entry.born()) >= self.ttl {
                 return None;
             }
-            let read = Read {
-                node: slot.node,
-                gen: slot.gen,
-                at: now,
-            };
-            (slot.value.clone(), read)
+            entry.clone()
+        };
+        // Pushed while `value` is held: see `Read` for why that matters.
+        let read = Read {
+            addr: value.addr(),
+            node: value.node(),
+            at: now,
         };
         let (tx, _) = &self.reads[thread_stripe() % READ_STRIPES];
         match tx.try_send(read) {
@@ -380,44 +412,44 @@ impl Cache {
         Some(value)
     }
 
-    /// Caches `value` under `key`, replacing any older entry. Expired entries
-    /// go first; then, while full, the least recently read key is evicted.
-    pub fn insert(&self, key: Key, value: Value) {
+    /// Caches `value` under `key`, replacing any older entry, and returns the
+    /// shared copy. Expired entries go first; then, while full, the least
+    /// recently read key is evicted. The bytes are copied before the order
+    /// lock is taken.
+    ///
+    /// # Panics
+    /// If `value` is longer than [`MAX_VALUE_BYTES`].
+    pub fn insert(&self, key: &[u8], value: &[u8]) -> Value {
+        let entry = Value::new(key, value);
         if self.capacity == 0 {
-            return;
+            return entry;
         }
         let mut order = self.lock_order();
         self.drain_reads(&mut order);
         let now = self.clock.now();
-        if let Some((_, old)) = self.map.remove(&key) {
-            order.release(old.node);
+        if let Some((old, ())) = self.map.remove(key) {
+            order.release(old.0.node());
         }
         self.expire(&mut order, now);
         while order.len >= self.capacity && order.lru_tail != NIL {
             let victim = order.lru_tail;
-            if let Some(victim_key) = order.release(victim) {
-                self.map.remove(&victim_key);
+            if let Some(victim) = order.release(victim) {
+                self.map.remove(victim.key());
             }
             self.stats.evictions_lru.fetch_add(1, Ordering::Relaxed);
         }
-        let (node, gen) = order.alloc(key.clone(), now);
-        self.map.insert(
-            key,
-            Slot {
-                value,
-                born: now,
-                node,
-                gen,
-            },
-        );
+        let node = order.alloc(entry.clone());
+        entry.place(node, now);
+        self.map.insert(ByKey(entry.clone()), ());
+        entry
     }
 
     /// Drops `key`; true if it was cached.
     pub fn remove(&self, key: &[u8]) -> bool {
         let mut order = self.lock_order();
         match self.map.remove(key) {
-            Some((_, slot)) => {
-                order.release(slot.node);
+            Some((old, ())) => {
+                order.release(old.0.node());
                 true
             }
             None => false,
@@ -461,21 +493,19 @@ impl Cache {
             .expect("spawn cache sweeper thread")
     }
 
-    /// Keys from least to most recently read, after applying buffered reads.
-    /// For tests and diagnostics: O(n) under the lock.
-    pub fn keys_lru_first(&self) -> Vec<Key> {
+    /// Entries from least to most recently read, after applying buffered
+    /// reads. For tests and diagnostics: O(n) under the lock.
+    pub fn entries_lru_first(&self) -> Vec<Value> {
         let mut order = self.lock_order();
         self.drain_reads(&mut order);
-        let mut keys = Vec::with_capacity(self.map.len());
+        let mut entries = Vec::with_capacity(order.len);
         let mut idx = order.lru_tail;
         while idx != NIL {
             let node = &order.nodes[idx as usize];
-            if let Some(key) = &node.key {
-                keys.push(key.clone());
-            }
+            entries.extend(node.entry.clone());
             idx = node.lru_prev;
         }
-        keys
+        entries
     }
 
     fn lock_order(&self) -> MutexGuard<'_, Order> {
@@ -488,7 +518,8 @@ impl Cache {
         let mut pending = std::mem::take(&mut order.pending);
         for (_, rx) in &self.reads {
             // Bounded so a flood of concurrent hits cannot keep the lock
-            // holder here.
+            // holder here; a stripe never holds more than this, so every
+            // read pushed before the drain began is taken.
             pending.extend(rx.try_iter().take(READ_BUFFER));
         }
         // Stripes interleave in time: apply reads in the order they happened
@@ -504,11 +535,15 @@ impl Cache {
         let mut removed = 0;
         while order.ttl_head != NIL {
             let idx = order.ttl_head;
-            if now.saturating_sub(order.nodes[idx as usize].born) < self.ttl {
+            // Linked nodes always hold an entry; stop rather than spin if not.
+            let Some(born) = order.nodes[idx as usize].entry.as_ref().map(Value::born) else {
+                break;
+            };
+            if now.saturating_sub(born) < self.ttl {
                 break;
             }
-            if let Some(key) = order.release(idx) {
-                self.map.remove(&key);
+            if let Some(entry) = order.release(idx) {
+                self.map.remove(entry.key());
             }
             removed += 1;
         }
@@ -523,8 +558,8 @@ impl Cache {
 mod tests {
     use super::*;
 
-    fn key(s: &str) -> Key {
-        Arc::from(s.as_bytes())
+    fn key(s: &str) -> &[u8] {
+        s.as_bytes()
     }
 
     fn cache(capacity: usize, ttl_ms: u64) -> (Cache, Arc<MockClock>) {
@@ -533,9 +568,10 @@ mod tests {
         (cache, clock)
     }
 
-    fn names(keys: Vec<Key>) -> Vec<String> {
-        keys.iter()
-            .map(|k| String::from_utf8(k.to_vec()).unwrap())
+    fn names(entries: Vec<Value>) -> Vec<String> {
+        entries
+            .iter()
+            .map(|e| String::from_utf8(e.key().to_vec()).unwrap())
             .collect()
     }
 
@@ -545,7 +581,36 @@ mod tests {
         let (c, _) = cache(10, 1000);
         c.insert(key("a"), key("1"));
         assert_eq!(c.get(b"a").as_deref(), Some(&b"1"[..]));
-        assert_eq!(c.get(b"b"), None);
+        assert!(c.get(b"b").is_none());
+    }
+
+    /// `insert` hands back the cached copy: later hits share its allocation.
+    #[test]
+    fn insert_returns_the_shared_entry() {
+        let (c, _) = cache(10, 1000);
+        let stored = c.insert(b"k", b"v");
+        let hit = c.get(b"k").unwrap();
+        assert_eq!(stored.addr(), hit.addr());
+        assert_eq!((hit.key(), &*hit), (&b"k"[..], &b"v"[..]));
+    }
+
+    /// Nodes freed by removal, eviction and expiry are reused, so churn at a
+    /// fixed size does not grow the slab.
+    #[test]
+    fn freed_nodes_are_reused() {
+        let (c, clock) = cache(4, 100);
+        for i in 0..1000 {
+            c.insert(i.to_string().as_bytes(), b"v");
+            if i % 3 == 0 {
+                c.remove(i.to_string().as_bytes());
+            }
+            if i % 7 == 0 {
+                clock.advance(Duration::from_millis(60));
+            }
+        }
+        let order = c.lock_order();
+        assert!(order.nodes.len() <= 4, "slab grew to {}", order.nodes.len());
+        assert_eq!(order.len, c.map.len());
     }
 
     /// Inserting into a full cache evicts the least recently read key.
@@ -577,7 +642,7 @@ mod tests {
         }
         c.get(b"a");
         c.get(b"d");
-        assert_eq!(names(c.keys_lru_first()), ["c", "b", "a", "d"]);
+        assert_eq!(names(c.entries_lru_first()), ["c", "b", "a", "d"]);
     }
 
     /// The cache never holds more keys than its capacity.
@@ -589,7 +654,7 @@ mod tests {
             assert!(c.len() <= 5);
         }
         assert_eq!(c.len(), 5);
-        assert_eq!(c.keys_lru_first().len(), 5);
+        assert_eq!(c.entries_lru_first().len(), 5);
     }
 
     /// An entry is gone once its age equals the TTL, not a moment later.
@@ -679,7 +744,7 @@ mod tests {
         c.insert(key("a"), key("2"));
         assert_eq!(c.len(), 1);
         assert_eq!(c.get(b"a").as_deref(), Some(&b"2"[..]));
-        assert_eq!(c.keys_lru_first().len(), 1);
+        assert_eq!(c.entries_lru_first().len(), 1);
     }
 
     /// remove and clear drop entries from the map and both orders.
@@ -690,12 +755,12 @@ mod tests {
         c.insert(key("b"), key("2"));
         assert!(c.remove(b"a"));
         assert!(!c.remove(b"a"));
-        assert_eq!(names(c.keys_lru_first()), ["b"]);
+        assert_eq!(names(c.entries_lru_first()), ["b"]);
         c.clear();
         assert!(c.is_empty());
-        assert!(c.keys_lru_first().is_empty());
+        assert!(c.entries_lru_first().is_empty());
         c.insert(key("c"), key("3"));
-        assert_eq!(names(c.keys_lru_first()), ["c"]);
+        assert_eq!(names(c.entries_lru_first()), ["c"]);
     }
 
     /// A read recorded before its key was evicted does not move the node's next owner.
@@ -746,7 +811,7 @@ mod tests {
             t.join().unwrap();
         }
         assert!(c.len() <= 64);
-        assert_eq!(c.keys_lru_first().len(), c.len());
+        assert_eq!(c.entries_lru_first().len(), c.len());
         clock.advance(Duration::from_millis(50));
         for i in 0..200 {
             assert!(c.get(i.to_string().as_bytes()).is_none());

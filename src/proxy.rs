@@ -12,7 +12,7 @@ use dashmap::DashMap;
 use may::sync::SyncFlag;
 
 use crate::backend::{Backend, BackendError};
-use crate::cache::{Cache, Key, Value};
+use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
 use crate::metrics::{Metrics, Snapshot};
 use crate::tracking::Tracking;
 
@@ -31,6 +31,9 @@ pub struct Lookup {
 }
 
 type FlightResult = Result<Option<Value>, BackendError>;
+
+/// Keys of in-flight fetches.
+type Key = Arc<[u8]>;
 
 /// One Redis GET in progress; concurrent misses on the same key wait on it.
 struct Flight {
@@ -102,9 +105,9 @@ impl Proxy {
         if !self.cache_usable() {
             // Tracking lapsed: invalidations could be missed, so bypass the cache.
             self.metrics.misses.inc();
-            let value = self.backend.get(hint, key)?.map(Value::from);
+            let value = self.backend.get(hint, key)?;
             return Ok(Lookup {
-                value,
+                value: value.map(|v| uncached(key, &v)).transpose()?,
                 source: Source::Miss,
             });
         }
@@ -118,9 +121,9 @@ impl Proxy {
         self.metrics.misses.inc();
         if self.cache.capacity() == 0 {
             // Pass-through: every GET goes to Redis, nothing is shared.
-            let value = self.backend.get(hint, key)?.map(Value::from);
+            let value = self.backend.get(hint, key)?;
             return Ok(Lookup {
-                value,
+                value: value.map(|v| uncached(key, &v)).transpose()?,
                 source: Source::Miss,
             });
         }
@@ -201,11 +204,12 @@ impl Proxy {
         let results = self.backend.get_many(hint, &miss_keys)?;
         for (&i, result) in missing.iter().zip(results) {
             if let Ok(Some(bytes)) = result {
-                let value = Value::from(bytes);
-                if usable {
-                    self.cache.insert(Arc::from(keys[i]), value.clone());
-                }
-                out[i] = Some(value);
+                out[i] = Some(if usable {
+                    fits(&bytes)?;
+                    self.cache.insert(keys[i], &bytes)
+                } else {
+                    uncached(keys[i], &bytes)?
+                });
             }
         }
         if usable
@@ -221,20 +225,21 @@ impl Proxy {
     }
 
     fn fetch(&self, key: &Key, hint: usize, flight: &Flight, generation: u64) -> FlightResult {
-        let value = self.backend.get(hint, key)?.map(Value::from);
-        if let Some(value) = &value {
-            self.cache.insert(key.clone(), value.clone());
-            // Checked after the insert: an invalidation or flush that came
-            // before this point is honoured here; one after it removes the
-            // entry itself.
-            if flight.stale.load(Ordering::SeqCst)
-                || self.generation.load(Ordering::SeqCst) != generation
-                || !self.cache_usable()
-            {
-                self.cache.remove(key);
-            }
+        let Some(bytes) = self.backend.get(hint, key)? else {
+            return Ok(None);
+        };
+        fits(&bytes)?;
+        let value = self.cache.insert(key, &bytes);
+        // Checked after the insert: an invalidation or flush that came
+        // before this point is honoured here; one after it removes the
+        // entry itself.
+        if flight.stale.load(Ordering::SeqCst)
+            || self.generation.load(Ordering::SeqCst) != generation
+            || !self.cache_usable()
+        {
+            self.cache.remove(key);
         }
-        Ok(value)
+        Ok(Some(value))
     }
 
     /// False while tracking is on but its invalidation connection is down.
@@ -296,6 +301,24 @@ impl Proxy {
             tracking: self.tracking.is_some(),
         })
     }
+}
+
+/// Refuses a value longer than an entry can hold (over 4 GiB: only a Redis
+/// with a raised `proto-max-bulk-len` can send one) with an error reply.
+fn fits(bytes: &[u8]) -> Result<(), BackendError> {
+    if bytes.len() > MAX_VALUE_BYTES {
+        return Err(BackendError::Reply(format!(
+            "ERR value of {} bytes is over the proxy's limit of {MAX_VALUE_BYTES} bytes",
+            bytes.len()
+        )));
+    }
+    Ok(())
+}
+
+/// A value served without caching it.
+fn uncached(key: &[u8], bytes: &[u8]) -> Result<Value, BackendError> {
+    fits(bytes)?;
+    Ok(Value::new(key, bytes))
 }
 
 /// Ends a flight however the leader leaves (return or panic): removes it
