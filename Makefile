@@ -1,5 +1,5 @@
 # One target a job; CI runs exactly `make lint test` (see .ci/run).
-.PHONY: all deps build run test lint bench soak fmt clean
+.PHONY: all deps build run test lint bench soak miri fmt clean
 
 all: build
 
@@ -31,6 +31,11 @@ bench: deps
 
 soak: build
 	scripts/soak.sh
+
+# The cache's unsafe code (src/cache/entry.rs) under Miri; nightly, ~11 min.
+miri:
+	rustup toolchain install nightly --profile minimal --component miri,rust-src
+	cargo +nightly miri test --lib cache::
 
 fmt:
 	cargo fmt --all

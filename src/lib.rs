@@ -8,7 +8,7 @@
 //!
 //! # Layout
 //! - [`config`]: settings, flags, environment variables, validation.
-//! - [`cache`]: exact LRU (by reads) + global TTL over a sharded map; knows nothing of Redis or HTTP.
+//! - [`cache`]: exact LRU (by reads) + global TTL over a sharded map; entries are one allocation each (`cache/entry.rs`); knows nothing of Redis or HTTP.
 //! - [`backend`]: per-worker pipelined Redis connections over may sockets; timeouts, reconnects.
 //! - [`proxy`]: the read-through core both front ends call: lookup, single-flight miss, insert.
 //! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.

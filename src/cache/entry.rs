@@ -14,6 +14,9 @@
 //! without its order lock: the entry's slab node and its insertion time.
 //! Both are written by the cache under its order lock before the entry is
 //! published in the map, and read by hits under the map's shard lock.
+//!
+//! The unsafe code here and its use by the cache run under Miri with
+//! `make miri` (nightly; the cache's unit tests, threads included).
 
 use std::alloc::{self, Layout};
 use std::fmt;
