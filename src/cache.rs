@@ -155,8 +155,10 @@ impl Borrow<[u8]> for ByKey {
 /// The address cannot name a newer entry (ABA): a hit pushes its read while
 /// it still holds a handle to the entry, so the entry's memory is freed,
 /// and can be reused by another entry, only after the push; and a node gets
-/// a new entry only in `insert`, which first drains every read pushed
-/// before it began (a stripe never holds more than the drain takes).
+/// a new entry only in `insert`, which allocates that entry *before* it
+/// takes the lock and drains, so the drain takes every read pushed before
+/// the allocation (a stripe never holds more than the drain takes). Moving
+/// the allocation under the lock, after the drain, would break this.
 #[derive(Clone, Copy)]
 struct Read {
     addr: usize,
@@ -478,6 +480,7 @@ impl Cache {
     /// # Panics
     /// If `value` is longer than [`MAX_VALUE_BYTES`].
     pub fn insert(&self, key: &[u8], value: &[u8]) -> Value {
+        // Before the lock and the drain: the ABA argument on `Read` needs it.
         let entry = Value::new(key, value);
         if self.capacity == 0 {
             return entry;
@@ -490,15 +493,20 @@ impl Cache {
         }
         self.expire(&mut order, now);
         while order.len >= self.capacity && order.lru_tail != NIL {
-            let victim = order.lru_tail;
-            if let Some(victim) = order.release(victim) {
-                self.map.remove(victim.key());
-            }
+            // Linked nodes always hold an entry; stop rather than spin if not.
+            let tail = order.lru_tail;
+            let Some(victim) = order.release(tail) else {
+                break;
+            };
+            self.map.remove(victim.key());
             self.stats.evictions_lru.fetch_add(1, Ordering::Relaxed);
         }
         let node = order.alloc(entry.clone());
         entry.place(node, now);
-        self.map.insert(ByKey(entry.clone()), ());
+        // The key was removed above under this lock, so this adds a key: a
+        // replace would keep the old entry as the key (hashbrown keeps keys).
+        let replaced = self.map.insert(ByKey(entry.clone()), ());
+        debug_assert!(replaced.is_none(), "map and order disagree");
         entry
     }
 

@@ -202,13 +202,19 @@ impl Proxy {
         let epoch = self.epoch.load(Ordering::SeqCst);
         let miss_keys: Vec<&[u8]> = missing.iter().map(|&i| keys[i]).collect();
         let results = self.backend.get_many(hint, &miss_keys)?;
+        // All or nothing, before anything is cached: an early return below
+        // would skip the staleness check at the end.
+        for result in &results {
+            if let Ok(Some(bytes)) = result {
+                fits(bytes.len())?;
+            }
+        }
         for (&i, result) in missing.iter().zip(results) {
             if let Ok(Some(bytes)) = result {
                 out[i] = Some(if usable {
-                    fits(&bytes)?;
                     self.cache.insert(keys[i], &bytes)
                 } else {
-                    uncached(keys[i], &bytes)?
+                    Value::new(keys[i], &bytes)
                 });
             }
         }
@@ -228,7 +234,7 @@ impl Proxy {
         let Some(bytes) = self.backend.get(hint, key)? else {
             return Ok(None);
         };
-        fits(&bytes)?;
+        fits(bytes.len())?;
         let value = self.cache.insert(key, &bytes);
         // Checked after the insert: an invalidation or flush that came
         // before this point is honoured here; one after it removes the
@@ -305,11 +311,10 @@ impl Proxy {
 
 /// Refuses a value longer than an entry can hold (over 4 GiB: only a Redis
 /// with a raised `proto-max-bulk-len` can send one) with an error reply.
-fn fits(bytes: &[u8]) -> Result<(), BackendError> {
-    if bytes.len() > MAX_VALUE_BYTES {
+fn fits(len: usize) -> Result<(), BackendError> {
+    if len > MAX_VALUE_BYTES {
         return Err(BackendError::Reply(format!(
-            "ERR value of {} bytes is over the proxy's limit of {MAX_VALUE_BYTES} bytes",
-            bytes.len()
+            "ERR value of {len} bytes is over the proxy's limit of {MAX_VALUE_BYTES} bytes"
         )));
     }
     Ok(())
@@ -317,7 +322,7 @@ fn fits(bytes: &[u8]) -> Result<(), BackendError> {
 
 /// A value served without caching it.
 fn uncached(key: &[u8], bytes: &[u8]) -> Result<Value, BackendError> {
-    fits(bytes)?;
+    fits(bytes.len())?;
     Ok(Value::new(key, bytes))
 }
 
@@ -334,5 +339,25 @@ impl Drop for Landing<'_> {
     fn drop(&mut self) {
         self.proxy.flights.remove(self.key);
         self.flight.done.fire();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Values up to the entry limit pass; one byte more is an error reply
+    /// naming both sizes (checked by length: no 4 GiB allocation).
+    #[test]
+    fn oversize_values_are_refused() {
+        assert!(fits(0).is_ok());
+        assert!(fits(MAX_VALUE_BYTES).is_ok());
+        match fits(MAX_VALUE_BYTES + 1) {
+            Err(BackendError::Reply(msg)) => {
+                assert!(msg.starts_with("ERR value of "), "{msg}");
+                assert!(msg.contains(&(MAX_VALUE_BYTES + 1).to_string()), "{msg}");
+            }
+            other => panic!("expected a reply error, got {other:?}"),
+        }
     }
 }

@@ -24,8 +24,13 @@ use std::ops::Deref;
 use std::ptr::NonNull;
 use std::sync::atomic::{self, AtomicU32, AtomicU64, Ordering};
 
-/// The largest value an entry can hold (its length is kept in 32 bits).
-pub const MAX_VALUE_BYTES: usize = u32::MAX as usize;
+/// The largest value an entry can hold: its length is kept in 32 bits (and,
+/// on 32-bit targets, key + value must stay under `isize::MAX`).
+pub const MAX_VALUE_BYTES: usize = if usize::BITS >= 64 {
+    u32::MAX as usize
+} else {
+    isize::MAX as usize / 2
+};
 
 /// Clones beyond this abort the process instead of wrapping the count to
 /// zero (a use after free), as `std::sync::Arc` does at `isize::MAX`.
@@ -125,7 +130,7 @@ impl Value {
     /// Identity of the allocation: equal for clones, and never shared by two
     /// live entries.
     pub(crate) fn addr(&self) -> usize {
-        self.ptr.as_ptr() as usize
+        self.ptr.as_ptr().addr()
     }
 
     /// Slab node of the cache holding this entry.
