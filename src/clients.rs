@@ -46,18 +46,22 @@ struct ConnState {
     /// received-byte count then.
     seen_requests: AtomicU64,
     bytes_mark: AtomicU64,
-    /// Response bytes produced so far, and (reaper-owned) how many of them
-    /// the peer had acknowledged at the last check.
+    /// Reply bytes produced so far (exactly what goes on the wire), and how
+    /// many of them the peer had acknowledged at the last check.
     produced: AtomicU64,
     acked_mark: AtomicU64,
+    /// Reaper-owned: the acknowledged-byte count at its last look, to tell a
+    /// client still reading a long reply from an idle one.
+    acked_seen: AtomicU64,
     closed: AtomicBool,
     /// A request is being processed (per connection, so the hot path never
     /// touches a counter shared between workers).
     busy: AtomicBool,
 }
 
-/// Response bytes a connection may have produced but the client not yet
-/// acknowledged (a client that never reads) before it is cut.
+/// Reply bytes a client may leave unread and still ask for more: a request
+/// arriving while more than this is unacknowledged cuts the connection (a
+/// client that pipelines and never reads). One reply of any size is fine.
 pub const MAX_UNREAD_BYTES: u64 = 16 << 20;
 
 /// Admission and reaping for every client connection, HTTP and RESP.
@@ -156,6 +160,7 @@ impl Clients {
             bytes_mark: AtomicU64::new(0),
             produced: AtomicU64::new(0),
             acked_mark: AtomicU64::new(0),
+            acked_seen: AtomicU64::new(0),
             closed: AtomicBool::new(false),
             busy: AtomicBool::new(false),
         });
@@ -200,11 +205,15 @@ impl Clients {
             let idle_ms = now.saturating_sub(state.last_active_ms.load(Ordering::Relaxed));
             let mut close = idle_ms >= state.limit_ms;
             let produced = state.produced.load(Ordering::Relaxed);
-            if !close && produced - state.acked_mark.load(Ordering::Relaxed) > MAX_UNREAD_BYTES {
-                // Replies pile up: is the client reading them at all?
+            if close && produced > 0 {
+                // A client still taking in a long reply is not idle: a tick
+                // in which it acknowledged more of it restarts its clock.
                 let acked = sys::tcp_counters(fd).map_or(0, |c| c.1);
-                state.acked_mark.store(acked, Ordering::Relaxed);
-                close = produced.saturating_sub(acked) > MAX_UNREAD_BYTES;
+                let progressed = acked != state.acked_seen.swap(acked, Ordering::Relaxed);
+                if progressed && acked < produced {
+                    state.last_active_ms.store(now, Ordering::Relaxed);
+                    close = false;
+                }
             }
             if !close && idle_ms >= tick_ms {
                 // No request completed during the last tick: is one growing?
@@ -277,9 +286,30 @@ impl Permit {
         self.clients.draining.load(Ordering::SeqCst)
     }
 
-    /// Records `n` response bytes handed to the connection.
+    /// Records a reply of `n` bytes (exactly what goes on the wire). If the
+    /// client left more than [`MAX_UNREAD_BYTES`] of earlier replies unread
+    /// and still asks for more, it is not reading: the connection is cut
+    /// now, before may_minihttp's reply buffer (which always takes what it
+    /// is given) grows further. Checked here, per reply, because a reaper
+    /// tick is long enough for a pipelining client to pile up gigabytes.
     pub fn sent(&self, n: usize) {
-        self.state.produced.fetch_add(n as u64, Ordering::Relaxed);
+        let before = self.state.produced.fetch_add(n as u64, Ordering::Relaxed);
+        if before.saturating_sub(self.state.acked_mark.load(Ordering::Relaxed)) <= MAX_UNREAD_BYTES
+        {
+            return;
+        }
+        // At most one TCP_INFO read per 16 MiB a reading client consumes.
+        let acked = sys::tcp_counters(self.fd).map_or(0, |c| c.1);
+        self.state.acked_mark.store(acked, Ordering::Relaxed);
+        if before.saturating_sub(acked) > MAX_UNREAD_BYTES {
+            // Our own live fd (we are inside its request): safe to shut.
+            self.state.closed.store(true, Ordering::Relaxed);
+            sys::shutdown_both(self.fd);
+            self.clients
+                .metrics
+                .clients_reaped
+                .fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Whether this connection was refused at the limit.

@@ -345,6 +345,13 @@ impl HttpConn {
     /// Ends the connection after the reply being built, and refuses any
     /// request may_minihttp has already buffered behind this one (where this
     /// request ends may be unknown: serving them would allow smuggling).
+    /// Records a reply of `wire` bytes: the connection's unread bound and
+    /// the byte counter.
+    fn sent(&self, wire: usize) {
+        self.permit.sent(wire);
+        self.proxy.metrics().response_bytes(Frontend::Http, wire);
+    }
+
     fn abandon(&self) {
         self.abandoned.set(true);
         self.permit.close_after_reply();
@@ -434,8 +441,45 @@ fn wants_json(req: &Request) -> bool {
     })
 }
 
-/// Approximate size of a response head, for the unread-bytes bound.
-const RESPONSE_HEAD_BYTES: usize = 160;
+const JSON_TYPE: &str = "Content-Type: application/json";
+const CLOSE: &str = "Connection: close";
+/// Length of the `Date` value may_minihttp writes (IMF-fixdate).
+const DATE_BYTES: usize = "Wed, 25 Nov 2026 23:55:43 GMT".len();
+
+/// Sets the status and headers of `rsp`; returns the bytes may_minihttp
+/// (0.1.11, `response::encode`) puts on the wire for that head and a body of
+/// `body_len` bytes. Exact, not estimated: the count of reply bytes a client
+/// has not yet read is a running sum over the connection's life, so any
+/// per-reply error would accumulate (`tests/failures.rs`,
+/// `response_bytes_are_counted_exactly`, pins it to real bytes).
+fn respond(
+    rsp: &mut Response,
+    code: usize,
+    headers: &[&'static str],
+    extra: Option<&'static str>,
+    body_len: usize,
+) -> usize {
+    fn digits(n: usize) -> usize {
+        n.checked_ilog10().map_or(1, |d| d as usize + 1)
+    }
+    rsp.status_code(code, reason(code));
+    // may_minihttp writes a fixed "200 Ok" line for 200, else code + reason.
+    let status = if code == 200 {
+        "HTTP/1.1 200 Ok".len()
+    } else {
+        "HTTP/1.1 ".len() + digits(code) + 1 + reason(code).len()
+    };
+    let mut wire = status
+        + "\r\nServer: M\r\nDate: ".len()
+        + DATE_BYTES
+        + "\r\nContent-Length: ".len()
+        + digits(body_len);
+    for h in headers.iter().chain(extra.as_ref()) {
+        rsp.header(h);
+        wire += "\r\n".len() + h.len();
+    }
+    wire + "\r\n\r\n".len() + body_len
+}
 /// Largest reply after which `Connection: close` (or HTTP/1.0) is honoured.
 const CLOSE_AFTER_MAX_BODY: usize = 8 * 1024;
 
@@ -473,20 +517,19 @@ impl HttpService for HttpConn {
         if self.permit.is_rejected() {
             // Already answered in full by `Clients::reject`; say it again for
             // a client that pipelined before reading.
-            let reply = Reply::error(503, "max clients reached", None);
-            rsp.status_code(503, reason(503))
-                .header("Content-Type: application/json")
-                .header("Retry-After: 1");
-            rsp.body_vec(reply.body);
+            let body = Reply::error(503, "max clients reached", None).body;
+            let wire = respond(rsp, 503, &[JSON_TYPE, "Retry-After: 1"], None, body.len());
+            rsp.body_vec(body);
+            self.sent(wire);
             return Ok(());
         }
         if self.abandoned.get() {
             // Bytes after a request whose end was unknown, or after a close
             // was promised: never treat them as requests.
-            rsp.status_code(400, reason(400))
-                .header("Content-Type: application/json")
-                .header("Connection: close");
-            rsp.body_vec(error_body("connection is closing", None));
+            let body = error_body("connection is closing", None);
+            let wire = respond(rsp, 400, JSON, Some(CLOSE), body.len());
+            rsp.body_vec(body);
+            self.sent(wire);
             return Ok(());
         }
         let _in_flight = self.permit.begin(started);
@@ -494,11 +537,16 @@ impl HttpService for HttpConn {
             // Shutting down: a request that arrived after the drain began
             // gets a short refusal, so no long reply is cut when reading ends.
             self.abandon();
-            rsp.status_code(503, reason(503))
-                .header("Content-Type: application/json")
-                .header("Retry-After: 1")
-                .header("Connection: close");
-            rsp.body_vec(error_body("shutting down", None));
+            let body = error_body("shutting down", None);
+            let wire = respond(
+                rsp,
+                503,
+                &[JSON_TYPE, "Retry-After: 1"],
+                Some(CLOSE),
+                body.len(),
+            );
+            rsp.body_vec(body);
+            self.sent(wire);
             return Ok(());
         }
         let head = req.method() == "HEAD";
@@ -522,10 +570,6 @@ impl HttpService for HttpConn {
                 reply
             }
         };
-        rsp.status_code(reply.code, reason(reply.code));
-        for h in reply.headers {
-            rsp.header(h);
-        }
         // may_minihttp derives Content-Length from the body it sends, so a
         // HEAD answer carries `Content-Length: 0` (see README, limits).
         let body_len = match (&reply.raw, head) {
@@ -533,23 +577,27 @@ impl HttpService for HttpConn {
             (Some(value), false) => value.len(),
             (None, false) => reply.body.len(),
         };
+        let close = if closing && body_len <= CLOSE_AFTER_MAX_BODY {
+            // Only a reply that surely fits the socket's send buffer at once
+            // can be followed by a close: may_minihttp drops what it could
+            // not write.
+            self.abandon();
+            Some(CLOSE)
+        } else if self.permit.draining() {
+            // Shutting down: ask the client to go; the server closes the
+            // connection itself once the reply has been delivered.
+            Some(CLOSE)
+        } else {
+            None
+        };
+        let wire = respond(rsp, reply.code, reply.headers, close, body_len);
         if !head {
             match reply.raw {
                 Some(value) => rsp.body_mut().extend_from_slice(&value),
                 None => rsp.body_vec(reply.body),
             }
         }
-        self.permit.sent(body_len + RESPONSE_HEAD_BYTES);
-        // Only a reply that surely fits the socket's send buffer at once can
-        // be followed by a close: may_minihttp drops what it could not write.
-        if closing && body_len <= CLOSE_AFTER_MAX_BODY {
-            rsp.header("Connection: close");
-            self.abandon();
-        } else if self.permit.draining() {
-            // Shutting down: ask the client to go; the server closes the
-            // connection itself once the reply has been delivered.
-            rsp.header("Connection: close");
-        }
+        self.sent(wire);
         self.proxy
             .metrics()
             .request(Frontend::Http, status_label(reply.code), started.elapsed());

@@ -142,6 +142,8 @@ pub struct Metrics {
     /// Times the invalidation connection was re-established.
     pub tracking_reconnects: AtomicU64,
     requests: [[Counter; STATUSES.len()]; 2],
+    /// Reply bytes handed to client sockets, by front end.
+    response_bytes: [Counter; 2],
     latency: Histogram,
 }
 
@@ -162,6 +164,16 @@ impl Metrics {
         }
         self.latency.observe(took, u64::from(tally.total));
         *tally = Tally::default();
+    }
+
+    /// Counts `n` reply bytes written (or queued to be written) to a client.
+    pub fn response_bytes(&self, frontend: Frontend, n: usize) {
+        self.response_bytes[frontend as usize].add(n as u64);
+    }
+
+    /// Reply bytes counted so far, both front ends.
+    pub fn response_bytes_total(&self) -> u64 {
+        self.response_bytes.iter().map(Counter::get).sum()
     }
 
     /// Requests counted so far for one front end and status.
@@ -286,6 +298,21 @@ impl Metrics {
             "counter",
             &rows,
         );
+        counter(
+            "response_bytes_total",
+            "Reply bytes sent to clients (heads included), by front end.",
+            "counter",
+            &[
+                (
+                    "{frontend=\"http\"}",
+                    self.response_bytes[Frontend::Http as usize].get(),
+                ),
+                (
+                    "{frontend=\"resp\"}",
+                    self.response_bytes[Frontend::Resp as usize].get(),
+                ),
+            ],
+        );
         if snapshot.tracking {
             counter(
                 "invalidations_total",
@@ -359,6 +386,7 @@ mod tests {
         m.hits.add(3);
         m.request(Frontend::Http, "200", Duration::from_micros(50));
         m.request(Frontend::Resp, "error", Duration::from_millis(2));
+        m.response_bytes(Frontend::Http, 242);
         let cache = CacheStats::default();
         let backend = BackendStats::default();
         let text = m.render(&Snapshot {
@@ -373,6 +401,8 @@ mod tests {
         assert!(text.contains("redis_proxy_requests_total{frontend=\"resp\",status=\"error\"} 1\n"));
         assert!(text.contains("redis_proxy_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"));
         assert!(text.contains("redis_proxy_request_duration_seconds_count 2\n"));
+        assert!(text.contains("redis_proxy_response_bytes_total{frontend=\"http\"} 242\n"));
+        assert!(text.contains("redis_proxy_response_bytes_total{frontend=\"resp\"} 0\n"));
         assert!(!text.contains("invalidations_total"));
     }
 }

@@ -350,6 +350,11 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
             }
         }
         if !wbuf.is_empty() {
+            // Counted so the reaper can tell a client reading a long reply
+            // from an idle one; the write below blocks, so replies never
+            // pile up unread here.
+            permit.sent(wbuf.len());
+            metrics.response_bytes(Frontend::Resp, wbuf.len());
             let written = stream.write_all(&wbuf);
             wbuf.clear();
             // Every command of the batch is answered by this one write, so
@@ -656,7 +661,7 @@ fn info_text(shared: &RespShared) -> String {
         shared.clients.max()
     ));
     s.push_str("\r\n# Stats\r\n");
-    let rows: [(&str, u64); 12] = [
+    let rows: [(&str, u64); 14] = [
         ("cache_hits_total", m.hits.get()),
         ("cache_misses_total", m.misses.get()),
         ("cache_coalesced_total", m.coalesced.get()),
@@ -675,6 +680,9 @@ fn info_text(shared: &RespShared) -> String {
         ("redis_errors_reply_total", bs.errors_reply.load(Relaxed)),
         ("redis_reconnects_total", bs.reconnects.load(Relaxed)),
         ("clients_rejected_total", m.clients_rejected.load(Relaxed)),
+        ("clients_reaped_total", m.clients_reaped.load(Relaxed)),
+        // Redis's own name for the same figure.
+        ("total_net_output_bytes", m.response_bytes_total()),
     ];
     for (k, v) in rows {
         s.push_str(&format!("{k}:{v}\r\n"));

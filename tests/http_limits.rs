@@ -4,6 +4,8 @@
 
 mod common;
 
+use std::io::{Read, Write};
+use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
 use common::{Http, Proxy, Redis, DEADLINE};
@@ -148,4 +150,152 @@ fn pipelined_requests_answer_in_order() {
         assert_eq!(r.status, 200, "{i}: {r:?}");
         assert_eq!(r.body, format!("value {i}").as_bytes(), "{i}");
     }
+}
+
+/// Reads one response from `s` (after what `buf` already holds) without
+/// interpreting more than the head's Content-Length; returns its status, its
+/// body and the bytes it took on the wire.
+fn read_raw(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (u16, Vec<u8>, usize) {
+    let mut chunk = vec![0u8; 64 * 1024];
+    let head_len = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let n = s.read(&mut chunk).expect("read a response head");
+        assert!(
+            n > 0,
+            "closed before a full head: {:?}",
+            String::from_utf8_lossy(buf)
+        );
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let head = String::from_utf8_lossy(&buf[..head_len]).to_string();
+    let status = head[9..12].parse().expect("status code");
+    let length: usize = head
+        .lines()
+        .find_map(|l| l.strip_prefix("Content-Length: "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("Content-Length");
+    let body_len = if head_only { 0 } else { length };
+    while buf.len() < head_len + body_len {
+        let n = s.read(&mut chunk).expect("read a response body");
+        assert!(n > 0, "closed inside a body");
+        buf.extend_from_slice(&chunk[..n]);
+    }
+    let body = buf[head_len..head_len + body_len].to_vec();
+    buf.drain(..head_len + body_len);
+    (status, body, head_len + body_len)
+}
+
+/// `redis_proxy_response_bytes_total{frontend="http"}` as a metrics body says.
+fn http_response_bytes(metrics_body: &[u8]) -> u64 {
+    String::from_utf8_lossy(metrics_body)
+        .lines()
+        .find_map(|l| l.strip_prefix("redis_proxy_response_bytes_total{frontend=\"http\"} "))
+        .and_then(|v| v.parse().ok())
+        .expect("the http response-bytes sample")
+}
+
+/// The proxy's count of reply bytes equals, to the byte, what a client reads
+/// for every kind of reply (the unread-reply bound is a running sum over a
+/// connection's life, so any per-reply error would build up until a
+/// well-behaved keep-alive client was cut).
+#[test]
+fn response_bytes_are_counted_exactly() {
+    let redis = Redis::start();
+    redis.set("k", "v".repeat(100));
+    redis.set("mid", vec![b'm'; 70_000]);
+    let proxy = Proxy::start(&redis, &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut buf = Vec::new();
+    let mut exchange = |s: &mut TcpStream, method: &str, target: &str, extra: &str| {
+        let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
+        s.write_all(req.as_bytes()).expect("send");
+        read_raw(s, &mut buf, method == "HEAD")
+    };
+    let (status, first, mut wire) = exchange(&mut s, "GET", "/-/metrics", "");
+    assert_eq!(status, 200);
+    let before = http_response_bytes(&first);
+    let cases: [(&str, &str, &str, u16); 10] = [
+        ("GET", "/k", "", 200),             // miss
+        ("GET", "/k", "", 200),             // hit
+        ("GET", "/k?format=json", "", 200), // JSON body
+        ("GET", "/mid", "", 200),           // 5-digit length
+        ("HEAD", "/k", "", 200),            // no body
+        ("GET", "/nokey", "", 404),         // error reply
+        ("POST", "/k", "", 405),            // method not allowed
+        ("GET", "/a%zzb", "", 400),         // bad escape
+        ("GET", "/-/healthy", "", 200),     // operations endpoint
+        ("GET", "/k", "Accept: application/json\r\n", 200),
+    ];
+    for (method, target, extra, want) in cases {
+        let (status, _, n) = exchange(&mut s, method, target, extra);
+        assert_eq!(status, want, "{method} {target}");
+        wire += n;
+    }
+    let (_, last, _) = exchange(&mut s, "GET", "/-/metrics", "");
+    // The first scrape's own reply is counted after it was rendered, the
+    // last one's is not yet: between them lie exactly the bytes read above.
+    assert_eq!(http_response_bytes(&last) - before, wire as u64);
+}
+
+/// A 40 MiB value reaches a fast reader whole, and a reader that takes it
+/// in slowly (longer than the idle timeout, with far more than 16 MiB
+/// unread at times) whole too; the connection then still serves.
+#[test]
+fn large_value_reaches_fast_and_slow_readers_whole() {
+    let value: Vec<u8> = (0..40 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let redis = Redis::start();
+    redis.set("big", &value);
+    redis.set("k", "v");
+    let proxy = Proxy::start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "300")]);
+    let mut fast = proxy.http();
+    let r = fast.get("/big");
+    assert_eq!(r.status, 200);
+    assert!(
+        r.body == value,
+        "fast reader: {} of {} bytes",
+        r.body.len(),
+        value.len()
+    );
+
+    let mut slow = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    slow.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    slow.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    // About 1.5 s for the whole value: five idle timeouts.
+    let mut got = Vec::with_capacity(value.len() + 1024);
+    let mut chunk = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    while got.len() < value.len() + 100 {
+        match slow.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("slow reader: {e} after {} bytes", got.len()),
+        }
+        std::thread::sleep(Duration::from_millis(8));
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            if got.len() >= end + 4 + value.len() {
+                break;
+            }
+        }
+        assert!(started.elapsed() < 2 * DEADLINE, "slow reader stuck");
+    }
+    let end = got
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a head")
+        + 4;
+    assert!(
+        got.len() - end == value.len() && got[end..] == value[..],
+        "slow reader got {} of {} body bytes",
+        got.len() - end,
+        value.len()
+    );
+    let mut buf = Vec::new();
+    slow.write_all(b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    let (status, body, _) = read_raw(&mut slow, &mut buf, false);
+    assert_eq!((status, body.as_slice()), (200, &b"v"[..]));
 }

@@ -680,6 +680,14 @@ fn info_stats_counters_move() {
     let after_hits = proxy_info(&mut con);
     assert_eq!(info_u64(&after_hits, "cache_hits_total"), hits + 2);
     assert_eq!(info_u64(&after_hits, "cache_misses_total"), misses + 1);
+    // Output bytes in between: the previous INFO reply (a bulk string) and
+    // two `$1\r\nv\r\n` replies; the current INFO is counted once written.
+    let info_wire = format!("${}\r\n", after_miss.len()).len() + after_miss.len() + 2;
+    assert_eq!(
+        info_u64(&after_hits, "total_net_output_bytes")
+            - info_u64(&after_miss, "total_net_output_bytes"),
+        (info_wire + 2 * 7) as u64
+    );
 }
 
 /// COMMAND COUNT matches the table COMMAND returns, which lists GET and MGET.
@@ -981,4 +989,42 @@ fn concurrent_misses_cost_one_redis_get_per_key() {
     let after = redis_get_counts(&redis);
     assert_eq!(after.0 - before.0, 2, "keyspace hits+misses seen by Redis");
     assert_eq!(after.1 - before.1, 2, "GET commands seen by Redis");
+}
+
+/// A 40 MiB value read slowly over RESP (longer than the idle timeout) arrives
+/// whole; the connection then still answers.
+#[test]
+fn large_value_reaches_a_slow_reader_whole() {
+    let value: Vec<u8> = (0..40 << 20).map(|i: u32| (i % 251) as u8).collect();
+    let redis = Redis::start();
+    redis.set("big", &value);
+    let (_proxy, port) = start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "300")]);
+    let mut s = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(b"*2\r\n$3\r\nGET\r\n$3\r\nbig\r\n")
+        .expect("send");
+    let head = format!("${}\r\n", value.len());
+    let want = head.len() + value.len() + 2;
+    let mut got = Vec::with_capacity(want);
+    let mut chunk = vec![0u8; 256 * 1024];
+    // About 1.5 s for the whole value: five idle timeouts.
+    while got.len() < want {
+        match s.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("slow reader: {e} after {} bytes", got.len()),
+        }
+        thread::sleep(Duration::from_millis(8));
+    }
+    assert_eq!(
+        got.len(),
+        want,
+        "slow reader got {} of {want} bytes",
+        got.len()
+    );
+    assert!(got.starts_with(head.as_bytes()) && got[head.len()..want - 2] == value[..]);
+    s.write_all(b"PING\r\n").expect("send");
+    let mut pong = [0u8; 7];
+    s.read_exact(&mut pong).expect("PONG after the large value");
+    assert_eq!(&pong, b"+PONG\r\n");
 }
