@@ -130,7 +130,7 @@ pub struct Config {
           value_parser = ranged::<u64>("REDIS_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
     pub redis_timeout_ms: u64,
 
-    /// A client connection without a complete request for this long is closed, in milliseconds.
+    /// A client connection without a complete request (and not taking in a reply) for this long is closed, in milliseconds.
     #[arg(long, env = "PROXY_IDLE_TIMEOUT_MS", default_value_t = DEFAULT_IDLE_TIMEOUT_MS,
           value_parser = ranged::<u64>("PROXY_IDLE_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
     pub idle_timeout_ms: u64,
