@@ -60,6 +60,7 @@ pub const ENV_NAMES: &[&str] = &[
     "CACHE_CAPACITY",
     "PROXY_MAX_CLIENTS",
     "PROXY_WORKERS",
+    "PROXY_PIN_WORKERS",
     "REDIS_TIMEOUT_MS",
     "PROXY_IDLE_TIMEOUT_MS",
     "CACHE_INVALIDATION",
@@ -125,6 +126,13 @@ pub struct Config {
           value_parser = ranged::<usize>("PROXY_WORKERS", 1, MAX_WORKERS))]
     pub workers: Option<usize>,
 
+    /// Pin each worker thread to one core. Off by default: on a host shared
+    /// with other busy processes (a load generator, Redis itself) a pinned
+    /// worker waits for its core while another sits idle.
+    #[arg(long, env = "PROXY_PIN_WORKERS", action = clap::ArgAction::SetTrue,
+          value_parser = BoolishValueParser::new())]
+    pub pin_workers: bool,
+
     /// Bound on one Redis round trip (and on connecting), in milliseconds.
     #[arg(long, env = "REDIS_TIMEOUT_MS", default_value_t = DEFAULT_REDIS_TIMEOUT_MS,
           value_parser = ranged::<u64>("REDIS_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
@@ -172,6 +180,7 @@ impl Default for Config {
             cache_capacity: DEFAULT_CACHE_CAPACITY,
             max_clients: DEFAULT_MAX_CLIENTS,
             workers: None,
+            pin_workers: false,
             redis_timeout_ms: DEFAULT_REDIS_TIMEOUT_MS,
             idle_timeout_ms: DEFAULT_IDLE_TIMEOUT_MS,
             cache_invalidation: Invalidation::Off,
@@ -367,6 +376,7 @@ mod tests {
         assert_eq!(c.max_clients, 1024);
         assert_eq!(c.redis_timeout_ms, 1000);
         assert!(!c.allow_writes);
+        assert!(!c.pin_workers);
         assert_eq!(c.cache_invalidation, Invalidation::Off);
         let t = parse_redis_url(DEFAULT_REDIS_URL).unwrap();
         assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6379, 0));
@@ -383,10 +393,12 @@ mod tests {
             "--cache-capacity",
             "0",
             "--allow-writes",
+            "--pin-workers",
             "--cache-invalidation",
             "tracking",
         ])
         .unwrap();
+        assert!(c.pin_workers);
         assert_eq!(c.port, 9000);
         assert_eq!(c.cache_ttl_ms, 5);
         assert_eq!(c.cache_capacity, 0);

@@ -44,7 +44,7 @@ fn main() -> ExitCode {
         }
     };
     log::info!(
-        "redis-proxy {} listening http://{} resp={} redis={} workers={} ttl_ms={} capacity={} \
+        "redis-proxy {} listening http://{} resp={} redis={} workers={} pinned={} ttl_ms={} capacity={} \
          max_clients={} redis_timeout_ms={} idle_timeout_ms={} invalidation={:?} writes={}",
         env!("CARGO_PKG_VERSION"),
         server.http_addr(),
@@ -56,6 +56,7 @@ fn main() -> ExitCode {
             .map(|t| t.to_string())
             .unwrap_or_default(),
         config.workers(),
+        config.pin_workers,
         config.cache_ttl_ms,
         config.cache_capacity,
         config.max_clients,

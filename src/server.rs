@@ -43,6 +43,8 @@ pub fn start(config: &Config) -> io::Result<Server> {
     may::config()
         .set_workers(workers)
         .set_stack_size(STACK_BYTES / std::mem::size_of::<usize>());
+    // may pins workers to cores unless told otherwise.
+    may::config().set_worker_pin(config.pin_workers);
     let target = config
         .redis_target()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;

@@ -670,3 +670,47 @@ fn stalled_partial_request_is_closed() {
     // The proxy itself is fine.
     assert_eq!(proxy.get("/-/healthy").status, 200);
 }
+
+/// How many threads of process `pid` may run on exactly one CPU (Linux /proc).
+fn threads_on_one_cpu(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).expect("list threads");
+    tasks
+        .filter_map(|t| std::fs::read_to_string(t.ok()?.path().join("status")).ok())
+        .filter(|status| {
+            let list = status
+                .lines()
+                .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+                .unwrap_or("")
+                .trim();
+            !list.is_empty() && !list.contains([',', '-'])
+        })
+        .count()
+}
+
+/// Worker threads float across cores by default; PROXY_PIN_WORKERS=1 pins
+/// each of them to one core.
+#[test]
+fn worker_pinning_follows_proxy_pin_workers() {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    assert!(
+        cpus >= 2,
+        "this test needs at least 2 CPUs to tell pinned from not, has {cpus}"
+    );
+    let redis = Redis::start();
+    let floating = Proxy::start(&redis, &[("PROXY_WORKERS", "2")]);
+    assert_eq!(
+        threads_on_one_cpu(floating.pid()),
+        0,
+        "a thread is pinned by default"
+    );
+    let pinned = Proxy::start(
+        &redis,
+        &[("PROXY_WORKERS", "2"), ("PROXY_PIN_WORKERS", "1")],
+    );
+    assert_eq!(
+        threads_on_one_cpu(pinned.pid()),
+        2,
+        "two workers, each on one core"
+    );
+    assert_eq!(pinned.get("/-/healthy").status, 200);
+}

@@ -384,6 +384,11 @@ impl Proxy {
         self.port
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// The RESP port, when started with [`ProxyBuilder::resp`].
     pub fn resp_port(&self) -> Option<u16> {
         self.resp_port
