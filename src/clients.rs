@@ -46,23 +46,36 @@ struct ConnState {
     /// received-byte count then.
     seen_requests: AtomicU64,
     bytes_mark: AtomicU64,
-    /// Reply bytes produced so far (exactly what goes on the wire), and how
-    /// many of them the peer had acknowledged at the last check.
+    /// Reply bytes produced so far (exactly what goes on the wire).
     produced: AtomicU64,
+    /// Connection-owned: how many reply bytes the peer had acknowledged at
+    /// the last over-bound check, and since when (ms) it has acknowledged
+    /// nothing more while over the bound (`NOT_STALLED` if it has).
     acked_mark: AtomicU64,
-    /// Reaper-owned: the acknowledged-byte count at its last look, to tell a
-    /// client still reading a long reply from an idle one.
+    stall_since_ms: AtomicU64,
+    /// Reaper-owned: the acknowledged-byte count at its last look, and when
+    /// it last grew. A client taking in a reply is not idle.
     acked_seen: AtomicU64,
+    last_progress_ms: AtomicU64,
     closed: AtomicBool,
+    /// Set when `Permit::sent` cut the connection for unread replies.
+    cut: AtomicBool,
     /// A request is being processed (per connection, so the hot path never
     /// touches a counter shared between workers).
     busy: AtomicBool,
 }
 
-/// Reply bytes a client may leave unread and still ask for more: a request
-/// arriving while more than this is unacknowledged cuts the connection (a
-/// client that pipelines and never reads). One reply of any size is fine.
+/// Reply bytes a client may leave unread while asking for more. Past this,
+/// a client that acknowledges nothing for [`UNREAD_STALL`] is cut (it
+/// pipelines and never reads); one that keeps reading is served on.
 pub const MAX_UNREAD_BYTES: u64 = 16 << 20;
+/// Reply bytes a client may leave unread while asking for more, reading or
+/// not: the bound on what piles up in may_minihttp's reply buffer. One
+/// reply of any size is never cut for its size.
+pub const MAX_UNREAD_HARD_BYTES: u64 = 64 << 20;
+/// How long a client over [`MAX_UNREAD_BYTES`] may go without reading.
+const UNREAD_STALL: Duration = Duration::from_secs(1);
+const NOT_STALLED: u64 = u64::MAX;
 
 /// Admission and reaping for every client connection, HTTP and RESP.
 pub struct Clients {
@@ -160,8 +173,11 @@ impl Clients {
             bytes_mark: AtomicU64::new(0),
             produced: AtomicU64::new(0),
             acked_mark: AtomicU64::new(0),
+            stall_since_ms: AtomicU64::new(NOT_STALLED),
             acked_seen: AtomicU64::new(0),
+            last_progress_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
+            cut: AtomicBool::new(false),
             busy: AtomicBool::new(false),
         });
         self.registry.insert(fd, state.clone());
@@ -202,19 +218,23 @@ impl Clients {
             if state.closed.load(Ordering::Relaxed) {
                 continue;
             }
-            let idle_ms = now.saturating_sub(state.last_active_ms.load(Ordering::Relaxed));
-            let mut close = idle_ms >= state.limit_ms;
-            let produced = state.produced.load(Ordering::Relaxed);
-            if close && produced > 0 {
-                // A client still taking in a long reply is not idle: a tick
-                // in which it acknowledged more of it restarts its clock.
+            // A client taking in a reply is not idle: while replies are
+            // outstanding, each tick in which it acknowledged more bytes
+            // (the last ones included) restarts its idle clock. One
+            // TCP_INFO read per connection with unacknowledged replies.
+            if state.produced.load(Ordering::Relaxed) > state.acked_seen.load(Ordering::Relaxed) {
                 let acked = sys::tcp_counters(fd).map_or(0, |c| c.1);
-                let progressed = acked != state.acked_seen.swap(acked, Ordering::Relaxed);
-                if progressed && acked < produced {
-                    state.last_active_ms.store(now, Ordering::Relaxed);
-                    close = false;
+                if acked > state.acked_seen.swap(acked, Ordering::Relaxed) {
+                    state.last_progress_ms.store(now, Ordering::Relaxed);
                 }
             }
+            let last_request = state.last_active_ms.load(Ordering::Relaxed);
+            let last = last_request.max(state.last_progress_ms.load(Ordering::Relaxed));
+            let idle_ms = now.saturating_sub(last);
+            let mut close = idle_ms >= state.limit_ms;
+            // The head bound counts from the last complete request, reading
+            // or not: a slow download must not shelter a growing head.
+            let idle_ms = now.saturating_sub(last_request);
             if !close && idle_ms >= tick_ms {
                 // No request completed during the last tick: is one growing?
                 let requests = state.requests.load(Ordering::Relaxed);
@@ -286,30 +306,49 @@ impl Permit {
         self.clients.draining.load(Ordering::SeqCst)
     }
 
-    /// Records a reply of `n` bytes (exactly what goes on the wire). If the
-    /// client left more than [`MAX_UNREAD_BYTES`] of earlier replies unread
-    /// and still asks for more, it is not reading: the connection is cut
-    /// now, before may_minihttp's reply buffer (which always takes what it
-    /// is given) grows further. Checked here, per reply, because a reaper
-    /// tick is long enough for a pipelining client to pile up gigabytes.
+    /// Records a reply of `n` bytes (exactly what goes on the wire), and cuts
+    /// the connection if the client asks for more while it leaves earlier
+    /// replies unread: over [`MAX_UNREAD_HARD_BYTES`], or over
+    /// [`MAX_UNREAD_BYTES`] with nothing acknowledged for [`UNREAD_STALL`].
+    /// Checked here, per reply, because may_minihttp's reply buffer takes
+    /// whatever it is given and a reaper tick is long enough for a
+    /// pipelining client to pile up gigabytes. A batch of pipelined replies
+    /// is built before any of it is written, so a bound crossed within one
+    /// batch by a client that reads is not a stall.
     pub fn sent(&self, n: usize) {
-        let before = self.state.produced.fetch_add(n as u64, Ordering::Relaxed);
-        if before.saturating_sub(self.state.acked_mark.load(Ordering::Relaxed)) <= MAX_UNREAD_BYTES
-        {
+        let state = &self.state;
+        let before = state.produced.fetch_add(n as u64, Ordering::Relaxed);
+        if before.saturating_sub(state.acked_mark.load(Ordering::Relaxed)) <= MAX_UNREAD_BYTES {
             return;
         }
-        // At most one TCP_INFO read per 16 MiB a reading client consumes.
+        if state.closed.load(Ordering::Relaxed) {
+            return;
+        }
+        let now = self.clients.now_ms();
         let acked = sys::tcp_counters(self.fd).map_or(0, |c| c.1);
-        self.state.acked_mark.store(acked, Ordering::Relaxed);
-        if before.saturating_sub(acked) > MAX_UNREAD_BYTES {
+        let progressed = acked != state.acked_mark.swap(acked, Ordering::Relaxed);
+        if progressed || state.stall_since_ms.load(Ordering::Relaxed) == NOT_STALLED {
+            state.stall_since_ms.store(now, Ordering::Relaxed);
+        }
+        let unread = before.saturating_sub(acked);
+        let stalled_ms = now.saturating_sub(state.stall_since_ms.load(Ordering::Relaxed));
+        let stalled = stalled_ms >= UNREAD_STALL.as_millis() as u64;
+        if unread > MAX_UNREAD_HARD_BYTES || (unread > MAX_UNREAD_BYTES && stalled) {
             // Our own live fd (we are inside its request): safe to shut.
-            self.state.closed.store(true, Ordering::Relaxed);
+            state.closed.store(true, Ordering::Relaxed);
+            state.cut.store(true, Ordering::Relaxed);
             sys::shutdown_both(self.fd);
             self.clients
                 .metrics
                 .clients_reaped
                 .fetch_add(1, Ordering::Relaxed);
         }
+    }
+
+    /// True once [`Permit::sent`] cut the connection: requests still
+    /// buffered behind the cut need no work, their replies cannot arrive.
+    pub fn is_cut(&self) -> bool {
+        self.state.cut.load(Ordering::Relaxed)
     }
 
     /// Whether this connection was refused at the limit.

@@ -342,9 +342,6 @@ impl HttpConn {
 }
 
 impl HttpConn {
-    /// Ends the connection after the reply being built, and refuses any
-    /// request may_minihttp has already buffered behind this one (where this
-    /// request ends may be unknown: serving them would allow smuggling).
     /// Records a reply of `wire` bytes: the connection's unread bound and
     /// the byte counter.
     fn sent(&self, wire: usize) {
@@ -352,6 +349,9 @@ impl HttpConn {
         self.proxy.metrics().response_bytes(Frontend::Http, wire);
     }
 
+    /// Ends the connection after the reply being built, and refuses any
+    /// request may_minihttp has already buffered behind this one (where this
+    /// request ends may be unknown: serving them would allow smuggling).
     fn abandon(&self) {
         self.abandoned.set(true);
         self.permit.close_after_reply();
@@ -450,7 +450,7 @@ const DATE_BYTES: usize = "Wed, 25 Nov 2026 23:55:43 GMT".len();
 /// (0.1.11, `response::encode`) puts on the wire for that head and a body of
 /// `body_len` bytes. Exact, not estimated: the count of reply bytes a client
 /// has not yet read is a running sum over the connection's life, so any
-/// per-reply error would accumulate (`tests/failures.rs`,
+/// per-reply error would accumulate (`tests/http_limits.rs`,
 /// `response_bytes_are_counted_exactly`, pins it to real bytes).
 fn respond(
     rsp: &mut Response,
@@ -523,7 +523,7 @@ impl HttpService for HttpConn {
             self.sent(wire);
             return Ok(());
         }
-        if self.abandoned.get() {
+        if self.abandoned.get() || self.permit.is_cut() {
             // Bytes after a request whose end was unknown, or after a close
             // was promised: never treat them as requests.
             let body = error_body("connection is closing", None);

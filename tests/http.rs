@@ -697,20 +697,26 @@ fn worker_pinning_follows_proxy_pin_workers() {
         "this test needs at least 2 CPUs to tell pinned from not, has {cpus}"
     );
     let redis = Redis::start();
-    let floating = Proxy::start(&redis, &[("PROXY_WORKERS", "2")]);
-    assert_eq!(
-        threads_on_one_cpu(floating.pid()),
-        0,
-        "a thread is pinned by default"
-    );
+    // Workers pin themselves as they start: poll until both have.
     let pinned = Proxy::start(
         &redis,
         &[("PROXY_WORKERS", "2"), ("PROXY_PIN_WORKERS", "1")],
     );
+    poll_until("both workers pinned", || {
+        (threads_on_one_cpu(pinned.pid()) == 2).then_some(())
+    });
+    assert_eq!(pinned.get("/-/healthy").status, 200);
     assert_eq!(
         threads_on_one_cpu(pinned.pid()),
         2,
         "two workers, each on one core"
     );
-    assert_eq!(pinned.get("/-/healthy").status, 200);
+    // Unpinned: serving, and still no thread on a single core.
+    let floating = Proxy::start(&redis, &[("PROXY_WORKERS", "2")]);
+    assert_eq!(floating.get("/-/healthy").status, 200);
+    assert_eq!(
+        threads_on_one_cpu(floating.pid()),
+        0,
+        "a thread is pinned by default"
+    );
 }

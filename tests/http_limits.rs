@@ -8,7 +8,7 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{Http, Proxy, Redis, DEADLINE};
+use common::{poll_until, Http, Proxy, Redis, DEADLINE};
 
 /// Sends a GET whose head carries one `X-Pad` header of `pad` bytes.
 fn get_with_pad(c: &mut Http, path: &str, pad: usize) -> std::io::Result<common::Response> {
@@ -234,14 +234,52 @@ fn response_bytes_are_counted_exactly() {
         assert_eq!(status, want, "{method} {target}");
         wire += n;
     }
+    // Last on this connection: a reply that carries `Connection: close`.
+    let (status, _, n) = exchange(&mut s, "GET", "/k", "Connection: close\r\n");
+    assert_eq!(status, 200);
+    wire += n;
+    let mut rest = Vec::new();
+    s.read_to_end(&mut rest)
+        .expect("the proxy closes after that reply");
+    assert!(rest.is_empty(), "{rest:?}");
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
     let (_, last, _) = exchange(&mut s, "GET", "/-/metrics", "");
     // The first scrape's own reply is counted after it was rendered, the
     // last one's is not yet: between them lie exactly the bytes read above.
     assert_eq!(http_response_bytes(&last) - before, wire as u64);
 }
 
+/// Reads a whole response to `GET` off `s` at about 12 MB/s (256 KiB, then
+/// a 20 ms pause); returns its body.
+fn read_slowly(s: &mut TcpStream) -> Vec<u8> {
+    let mut got = Vec::new();
+    let mut chunk = vec![0u8; 256 * 1024];
+    let started = Instant::now();
+    loop {
+        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
+            let head = String::from_utf8_lossy(&got[..end]).to_string();
+            let length: usize = head
+                .lines()
+                .find_map(|l| l.strip_prefix("Content-Length: "))
+                .and_then(|v| v.trim().parse().ok())
+                .expect("Content-Length");
+            if got.len() >= end + 4 + length {
+                return got[end + 4..end + 4 + length].to_vec();
+            }
+        }
+        match s.read(&mut chunk) {
+            Ok(0) => panic!("closed after {} bytes", got.len()),
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+            Err(e) => panic!("slow reader: {e} after {} bytes", got.len()),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+        assert!(started.elapsed() < 3 * DEADLINE, "slow reader stuck");
+    }
+}
+
 /// A 40 MiB value reaches a fast reader whole, and a reader that takes it
-/// in slowly (longer than the idle timeout, with far more than 16 MiB
+/// in slowly (about 3 s, three idle timeouts, with far more than 16 MiB
 /// unread at times) whole too; the connection then still serves.
 #[test]
 fn large_value_reaches_fast_and_slow_readers_whole() {
@@ -249,7 +287,10 @@ fn large_value_reaches_fast_and_slow_readers_whole() {
     let redis = Redis::start();
     redis.set("big", &value);
     redis.set("k", "v");
-    let proxy = Proxy::start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "300")]);
+    // The idle clock restarts when the last byte is acknowledged; the
+    // client may still be reading its kernel buffer (up to ~6 MB here,
+    // ~0.5 s at this pace) when it sends the next request.
+    let proxy = Proxy::start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "1000")]);
     let mut fast = proxy.http();
     let r = fast.get("/big");
     assert_eq!(r.status, 200);
@@ -264,33 +305,11 @@ fn large_value_reaches_fast_and_slow_readers_whole() {
     slow.set_read_timeout(Some(DEADLINE)).expect("timeout");
     slow.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
         .expect("send");
-    // About 1.5 s for the whole value: five idle timeouts.
-    let mut got = Vec::with_capacity(value.len() + 1024);
-    let mut chunk = vec![0u8; 256 * 1024];
-    let started = Instant::now();
-    while got.len() < value.len() + 100 {
-        match slow.read(&mut chunk) {
-            Ok(0) => break,
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) => panic!("slow reader: {e} after {} bytes", got.len()),
-        }
-        std::thread::sleep(Duration::from_millis(8));
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            if got.len() >= end + 4 + value.len() {
-                break;
-            }
-        }
-        assert!(started.elapsed() < 2 * DEADLINE, "slow reader stuck");
-    }
-    let end = got
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a head")
-        + 4;
+    let body = read_slowly(&mut slow);
     assert!(
-        got.len() - end == value.len() && got[end..] == value[..],
-        "slow reader got {} of {} body bytes",
-        got.len() - end,
+        body == value,
+        "slow reader: {} of {} body bytes",
+        body.len(),
         value.len()
     );
     let mut buf = Vec::new();
@@ -298,4 +317,57 @@ fn large_value_reaches_fast_and_slow_readers_whole() {
         .expect("send");
     let (status, body, _) = read_raw(&mut slow, &mut buf, false);
     assert_eq!((status, body.as_slice()), (200, &b"v"[..]));
+}
+
+/// 800 pipelined GETs of a 32 KiB value sent in one write (25 MiB of
+/// replies, built before any is written) all arrive at a client that reads
+/// them; nothing is cut.
+#[test]
+fn pipelined_batch_over_16_mib_reaches_a_reading_client() {
+    let value = vec![b'p'; 32 * 1024];
+    let redis = Redis::start();
+    redis.set("v", &value);
+    let proxy = Proxy::start(&redis, &[]);
+    assert_eq!(proxy.get("/v").body, value, "warm the cache");
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    s.write_all(&b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n".repeat(800))
+        .expect("send the batch");
+    let mut buf = Vec::new();
+    for i in 0..800 {
+        let (status, body, _) = read_raw(&mut s, &mut buf, false);
+        assert!(
+            status == 200 && body == value,
+            "reply {i}: {status}, {} bytes",
+            body.len()
+        );
+    }
+}
+
+/// A client that asks for a 40 MiB value and then reads nothing is closed
+/// by the idle timeout (counted from its last acknowledged byte).
+#[test]
+fn stalled_reader_of_a_large_value_is_closed() {
+    let redis = Redis::start();
+    redis.set("big", vec![b'b'; 40 << 20]);
+    let proxy = Proxy::start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "300")]);
+    let reaped = || {
+        let text = proxy.get("/-/metrics").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("redis_proxy_clients_reaped_total "))
+            .and_then(|v| v.parse::<u64>().ok())
+            .expect("the reaped counter")
+    };
+    let before = reaped();
+    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
+    s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
+        .expect("send");
+    poll_until("the stalled reader to be closed", || {
+        (reaped() > before).then_some(())
+    });
+    // What it can still read ends early: the proxy shut the connection.
+    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
+    let mut got = Vec::new();
+    let _ = s.read_to_end(&mut got);
+    assert!(got.len() < 40 << 20, "received all {} bytes", got.len());
 }
