@@ -23,6 +23,7 @@
 pub mod backend;
 pub mod cache;
 pub mod clients;
+pub mod coherence;
 pub mod config;
 pub mod http;
 pub mod metrics;
