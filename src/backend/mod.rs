@@ -1,7 +1,7 @@
 //! backend: the backing Redis, as a topology over nodes, over may's
 //! coroutine-aware sockets with the redis crate's codec.
 //!
-//! Owns connecting (one path for every connection: [`connect`]), pipelining,
+//! Owns connecting (one path for every connection: `connect`), pipelining,
 //! the per-request deadline, dropping a connection after a timeout,
 //! reconnecting with bounded, jittered backoff, and which node serves a key.
 //! Knows nothing of the cache or of HTTP and RESP: it answers bytes or a
