@@ -19,7 +19,7 @@ use serde_json::{Map, Value as Json};
 use crate::backend::BackendError;
 use crate::clients::{Clients, Permit, HTTP_MAX_PENDING};
 use crate::config::{MAX_HEAD_BYTES, MAX_KEY_BYTES};
-use crate::metrics::Frontend;
+use crate::metrics::{Frontend, Metrics};
 use crate::proxy::{Proxy, Source};
 
 /// Sent, whole, to a connection over the client limit; then it is closed.
@@ -146,6 +146,7 @@ pub fn value_body(key: &[u8], value: &[u8]) -> Vec<u8> {
 /// Creates one [`HttpConn`] per accepted connection.
 pub struct HttpFactory {
     pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
     /// `PROXY_ALLOW_WRITES`: serve PUT and DELETE.
     pub allow_writes: bool,
@@ -164,6 +165,7 @@ impl HttpServiceFactory for HttpFactory {
         };
         HttpConn {
             proxy: self.proxy.clone(),
+            metrics: self.metrics.clone(),
             permit,
             fd,
             allow_writes: self.allow_writes,
@@ -177,6 +179,7 @@ impl HttpServiceFactory for HttpFactory {
 /// the client permit.
 pub struct HttpConn {
     proxy: Arc<Proxy>,
+    metrics: Arc<Metrics>,
     permit: Permit,
     fd: usize,
     allow_writes: bool,
@@ -324,7 +327,7 @@ impl HttpConn {
         match path {
             b"/-/healthy" => Reply::json(200, br#"{"status":"ok"}"#.to_vec()),
             b"/-/ready" => {
-                if self.proxy.backend().ping(self.fd) {
+                if self.proxy.ready(self.fd) {
                     Reply::json(200, br#"{"status":"ready"}"#.to_vec())
                 } else {
                     Reply::error(503, "redis unavailable", None)
@@ -333,7 +336,7 @@ impl HttpConn {
             b"/-/metrics" => Reply {
                 code: 200,
                 headers: &["Content-Type: text/plain; version=0.0.4; charset=utf-8"],
-                body: self.proxy.render_metrics().into_bytes(),
+                body: self.metrics.render(&self.proxy.snapshot()).into_bytes(),
                 raw: None,
             },
             _ => Reply::error(404, "unknown endpoint", None),
@@ -346,7 +349,7 @@ impl HttpConn {
     /// the byte counter.
     fn sent(&self, wire: usize) {
         self.permit.sent(wire);
-        self.proxy.metrics().response_bytes(Frontend::Http, wire);
+        self.metrics.response_bytes(Frontend::Http, wire);
     }
 
     /// Ends the connection after the reply being built, and refuses any
@@ -375,9 +378,8 @@ impl HttpConn {
             if body_len > 0 {
                 let _ = io::copy(&mut req.body(), &mut io::sink());
             }
-            let cmd = redis::cmd("DEL").arg(&key).get_packed_command();
-            return match self.proxy.write(self.fd, cmd, &[&key]) {
-                Ok(redis::Value::Int(0)) => Reply::error(404, "key not found", Some(&key)),
+            return match self.proxy.del(&[&key], self.fd) {
+                Ok(0) => Reply::error(404, "key not found", Some(&key)),
                 Ok(_) => Reply::json(204, Vec::new()),
                 Err(e) => backend_error(&e, &key),
             };
@@ -391,8 +393,7 @@ impl HttpConn {
             self.abandon();
             return Reply::error(400, "body shorter than Content-Length", Some(&key));
         }
-        let cmd = redis::cmd("SET").arg(&key).arg(&value).get_packed_command();
-        match self.proxy.write(self.fd, cmd, &[&key]) {
+        match self.proxy.set(&key, &value, &[], self.fd) {
             Ok(_) => Reply::json(204, Vec::new()),
             Err(e) => backend_error(&e, &key),
         }
@@ -598,8 +599,7 @@ impl HttpService for HttpConn {
             }
         }
         self.sent(wire);
-        self.proxy
-            .metrics()
+        self.metrics
             .request(Frontend::Http, status_label(reply.code), started.elapsed());
         Ok(())
     }

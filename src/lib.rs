@@ -9,20 +9,24 @@
 //! # Layout
 //! - [`config`]: settings, flags, environment variables, validation.
 //! - [`cache`]: exact LRU (by reads) + global TTL over a sharded map; entries are one allocation each (`cache/entry.rs`); knows nothing of Redis or HTTP.
-//! - [`backend`]: per-worker pipelined Redis connections over may sockets; timeouts, reconnects.
-//! - [`proxy`]: the read-through core both front ends call: lookup, single-flight miss, insert.
+//! - [`backend`]: the backing Redis behind the [`backend::Redis`] trait: a [`backend::Topology`] over nodes (`backend/topology.rs`, one node today), each node's per-worker pipelined connections over may sockets (`backend/node.rs`), and the one connect path for every connection: resolve, TCP, AUTH, SELECT (`backend/connect.rs`).
+//! - [`proxy`]: the read-through core both front ends call (`get`, `get_many`, `set`, `del`, `ready`, `snapshot`): lookup, single-flight miss, insert, writes.
+//! - [`coherence`]: the freshness state machine (flights, epoch, generation, tracking up/down) the core reads and the layers below report into.
 //! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.
 //! - [`resp`]: the Redis-protocol (RESP2) front end: parser, command subset, accept loop.
 //! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
-//! - [`tracking`]: opt-in coherence: Redis CLIENT TRACKING invalidations empty changed keys.
+//! - [`tracking`]: the opt-in invalidation listener: Redis CLIENT TRACKING messages become [`coherence`] events.
 //! - [`metrics`]: counters and the Prometheus exposition.
 //! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
 //!
-//! Layers point one way: front ends -> `proxy` -> `cache` and `backend`.
+//! Layers point one way: front ends -> `proxy` -> {`cache`, `coherence`,
+//! `backend`}; `backend` and `tracking` report into `coherence` through its
+//! `Freshness` trait and never see the core.
 
 pub mod backend;
 pub mod cache;
 pub mod clients;
+pub mod coherence;
 pub mod config;
 pub mod http;
 pub mod metrics;

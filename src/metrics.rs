@@ -371,6 +371,7 @@ impl Metrics {
 pub struct Snapshot<'a> {
     pub cache: &'a CacheStats,
     pub cache_entries: usize,
+    pub cache_capacity: usize,
     pub backend: &'a BackendStats,
     pub tracking: bool,
 }
@@ -392,6 +393,7 @@ mod tests {
         let text = m.render(&Snapshot {
             cache: &cache,
             cache_entries: 7,
+            cache_capacity: 10,
             backend: &backend,
             tracking: false,
         });

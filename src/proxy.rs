@@ -1,20 +1,21 @@
 //! proxy: the read-through core both front ends call.
 //!
 //! Owns the lookup order (cache, then one Redis `GET`), single-flight misses,
-//! inserting what Redis returned, and the hit/miss counters. Knows nothing of
-//! HTTP or RESP encoding; front ends turn its results into bytes.
+//! inserting what Redis returned, writes (which drop the written keys), the
+//! hit/miss counters, and the answers to "ready?" and "what are the
+//! figures?". Front ends speak to it in its own terms ([`Proxy::get`],
+//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::ready`],
+//! [`Proxy::snapshot`]) and never see Redis commands or replies. Whether a
+//! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
+//! reached through the [`Redis`] trait, so the races are unit-tested here
+//! against a fake.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 
-use dashmap::mapref::entry::Entry;
-use dashmap::DashMap;
-use may::sync::SyncFlag;
-
-use crate::backend::{Backend, BackendError};
+use crate::backend::{Backend, BackendError, Redis, SetReply};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
+use crate::coherence::{Coherence, Join, Lead};
 use crate::metrics::{Metrics, Snapshot};
-use crate::tracking::Tracking;
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,69 +31,30 @@ pub struct Lookup {
     pub source: Source,
 }
 
-type FlightResult = Result<Option<Value>, BackendError>;
+/// What a fetch hands to the misses that waited for it.
+pub type FlightResult = Result<Option<Value>, BackendError>;
 
-/// Keys of in-flight fetches.
-type Key = Arc<[u8]>;
+/// The freshness state the core is built over.
+pub type CoreCoherence = Coherence<FlightResult>;
 
-/// One Redis GET in progress; concurrent misses on the same key wait on it.
-struct Flight {
-    done: SyncFlag,
-    result: OnceLock<FlightResult>,
-    /// Set when the key was invalidated or written while the GET was in
-    /// flight: the fetched value may predate that change, so it is not cached.
-    stale: AtomicBool,
-}
-
-/// The shared read-through core.
-pub struct Proxy {
+/// The shared read-through core, over the real [`Backend`] unless a test
+/// gives it another [`Redis`].
+pub struct Proxy<B: Redis = Backend> {
     cache: Arc<Cache>,
-    backend: Backend,
+    backend: B,
     metrics: Arc<Metrics>,
-    /// In-flight misses by key. A guard on this map is never held across a
-    /// yield: entries are cloned out and the guard dropped before waiting.
-    flights: DashMap<Key, Arc<Flight>>,
-    /// Bumped by every invalidation; a multi-key fetch that saw it move
-    /// drops what it cached (it cannot tell which keys changed mid-flight).
-    epoch: AtomicU64,
-    /// Bumped when the cache is emptied or tracking may have lapsed: a value
-    /// fetched across such an event is not kept.
-    generation: AtomicU64,
-    tracking: Option<Arc<Tracking>>,
+    coherence: Arc<CoreCoherence>,
 }
 
-impl Proxy {
-    /// Wires the core over a cache and a backend.
-    pub fn new(
-        cache: Arc<Cache>,
-        backend: Backend,
-        metrics: Arc<Metrics>,
-        tracking: Option<Arc<Tracking>>,
-    ) -> Self {
+impl<B: Redis> Proxy<B> {
+    /// Wires the core over a backend and the freshness state of its cache.
+    pub fn new(backend: B, metrics: Arc<Metrics>, coherence: Arc<CoreCoherence>) -> Self {
         Proxy {
-            cache,
+            cache: coherence.cache().clone(),
             backend,
             metrics,
-            flights: DashMap::new(),
-            epoch: AtomicU64::new(0),
-            generation: AtomicU64::new(0),
-            tracking,
+            coherence,
         }
-    }
-
-    /// The cache.
-    pub fn cache(&self) -> &Arc<Cache> {
-        &self.cache
-    }
-
-    /// The Redis connections.
-    pub fn backend(&self) -> &Backend {
-        &self.backend
-    }
-
-    /// The counters.
-    pub fn metrics(&self) -> &Arc<Metrics> {
-        &self.metrics
     }
 
     /// Reads `key`: from the cache, else with exactly one Redis GET shared by
@@ -101,15 +63,11 @@ impl Proxy {
     pub fn get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
         // Read before deciding the cache is usable: a flush between the two
         // would otherwise go unseen by the fetch below.
-        let generation = self.generation.load(Ordering::SeqCst);
-        if !self.cache_usable() {
+        let generation = self.coherence.generation();
+        if !self.coherence.usable() {
             // Tracking lapsed: invalidations could be missed, so bypass the cache.
             self.metrics.misses.inc();
-            let value = self.backend.get(hint, key)?;
-            return Ok(Lookup {
-                value: value.map(|v| uncached(key, &v)).transpose()?,
-                source: Source::Miss,
-            });
+            return self.uncached_get(key, hint);
         }
         if let Some(value) = self.cache.get(key) {
             self.metrics.hits.inc();
@@ -121,55 +79,26 @@ impl Proxy {
         self.metrics.misses.inc();
         if self.cache.capacity() == 0 {
             // Pass-through: every GET goes to Redis, nothing is shared.
-            let value = self.backend.get(hint, key)?;
-            return Ok(Lookup {
-                value: value.map(|v| uncached(key, &v)).transpose()?,
-                source: Source::Miss,
-            });
+            return self.uncached_get(key, hint);
         }
-        let key: Key = Arc::from(key);
-        let (flight, leader) = match self.flights.entry(key.clone()) {
-            Entry::Occupied(e) => (e.get().clone(), false),
-            Entry::Vacant(e) => {
-                let flight = Arc::new(Flight {
-                    done: SyncFlag::new(),
-                    result: OnceLock::new(),
-                    stale: AtomicBool::new(false),
-                });
-                e.insert(flight.clone());
-                (flight, true)
+        let lead = match self.coherence.join(key, generation) {
+            Join::Leader(lead) => lead,
+            Join::Follower(flight) => {
+                self.metrics.coalesced.inc();
+                let result = flight
+                    .wait()
+                    .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
+                return result.map(miss);
             }
-        };
-        if !leader {
-            self.metrics.coalesced.inc();
-            flight.done.wait();
-            let result = flight
-                .result
-                .get()
-                .cloned()
-                .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
-            return result.map(|value| Lookup {
-                value,
-                source: Source::Miss,
-            });
-        }
-        let landing = Landing {
-            proxy: self,
-            key: &key,
-            flight: &flight,
         };
         // An earlier leader may have filled the cache between our miss and
         // our flight: take its value rather than asking Redis again.
-        let result = match self.cache.get(&key) {
+        let result = match self.cache.get(key) {
             Some(value) => Ok(Some(value)),
-            None => self.fetch(&key, hint, &flight, generation),
+            None => self.fetch(&lead, hint),
         };
-        flight.result.set(result.clone()).ok();
-        drop(landing);
-        result.map(|value| Lookup {
-            value,
-            source: Source::Miss,
-        })
+        lead.land(result.clone());
+        result.map(miss)
     }
 
     /// Reads several keys: hits from the cache, all misses from Redis in one
@@ -180,8 +109,8 @@ impl Proxy {
         keys: &[&[u8]],
         hint: usize,
     ) -> Result<Vec<Option<Value>>, BackendError> {
-        let generation = self.generation.load(Ordering::SeqCst);
-        let usable = self.cache_usable();
+        let generation = self.coherence.generation();
+        let usable = self.coherence.usable();
         let mut out = Vec::with_capacity(keys.len());
         let mut missing = Vec::new();
         for (i, key) in keys.iter().enumerate() {
@@ -199,11 +128,11 @@ impl Proxy {
         if missing.is_empty() {
             return Ok(out);
         }
-        let epoch = self.epoch.load(Ordering::SeqCst);
+        let ticket = self.coherence.ticket(generation);
         let miss_keys: Vec<&[u8]> = missing.iter().map(|&i| keys[i]).collect();
-        let results = self.backend.get_many(hint, &miss_keys)?;
+        let results = self.backend.get_many(&miss_keys, hint)?;
         // All or nothing, before anything is cached: an early return below
-        // would skip the staleness check at the end.
+        // would skip the freshness check at the end.
         for result in &results {
             if let Ok(Some(bytes)) = result {
                 fits(bytes.len())?;
@@ -218,11 +147,8 @@ impl Proxy {
                 });
             }
         }
-        if usable
-            && (self.epoch.load(Ordering::SeqCst) != epoch
-                || self.generation.load(Ordering::SeqCst) != generation
-                || !self.cache_usable())
-        {
+        // Checked after the inserts, as for one key (see `coherence`).
+        if usable && !self.coherence.still_fresh(ticket) {
             for &i in &missing {
                 self.cache.remove(keys[i]);
             }
@@ -230,82 +156,69 @@ impl Proxy {
         Ok(out)
     }
 
-    fn fetch(&self, key: &Key, hint: usize, flight: &Flight, generation: u64) -> FlightResult {
-        let Some(bytes) = self.backend.get(hint, key)? else {
+    /// `SET key value [options...]` in Redis, then drops `key` from the
+    /// cache. The written value is not cached: Redis does not track keys a
+    /// client writes, so a cached copy would never be invalidated.
+    pub fn set(
+        &self,
+        key: &[u8],
+        value: &[u8],
+        options: &[&[u8]],
+        hint: usize,
+    ) -> Result<SetReply, BackendError> {
+        let result = self.backend.set(key, value, options, hint);
+        // Dropped whatever Redis said: a timeout may still have written.
+        self.coherence.invalidate(key);
+        result
+    }
+
+    /// `DEL keys...` in Redis, then drops them from the cache; answers how
+    /// many Redis removed.
+    pub fn del(&self, keys: &[&[u8]], hint: usize) -> Result<u64, BackendError> {
+        let result = self.backend.del(keys, hint);
+        for key in keys {
+            self.coherence.invalidate(key);
+        }
+        result
+    }
+
+    /// True when Redis answers PING within the timeout (`/-/ready`).
+    pub fn ready(&self, hint: usize) -> bool {
+        self.backend.ping(hint)
+    }
+
+    /// What the metrics exposition and `INFO` read.
+    pub fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
+            cache: self.cache.stats(),
+            cache_entries: self.cache.len(),
+            cache_capacity: self.cache.capacity(),
+            backend: self.backend.stats(),
+            tracking: self.coherence.tracking(),
+        }
+    }
+
+    fn fetch(&self, lead: &Lead<'_, FlightResult>, hint: usize) -> FlightResult {
+        let Some(bytes) = self.backend.get(lead.key(), hint)? else {
             return Ok(None);
         };
         fits(bytes.len())?;
-        let value = self.cache.insert(key, &bytes);
-        // Checked after the insert: an invalidation or flush that came
-        // before this point is honoured here; one after it removes the
-        // entry itself.
-        if flight.stale.load(Ordering::SeqCst)
-            || self.generation.load(Ordering::SeqCst) != generation
-            || !self.cache_usable()
-        {
-            self.cache.remove(key);
-        }
-        Ok(Some(value))
+        Ok(Some(lead.fill(&bytes)))
     }
 
-    /// False while tracking is on but its invalidation connection is down.
-    fn cache_usable(&self) -> bool {
-        self.tracking.as_ref().is_none_or(|t| t.ready())
-    }
-
-    /// Marks every fetch in flight as not cacheable (tracking may have lapsed).
-    pub fn distrust(&self) {
-        self.generation.fetch_add(1, Ordering::SeqCst);
-    }
-
-    /// Sends a write command (`SET`, `DEL`, ...) and then drops `keys` from
-    /// the cache. The written value is not cached: Redis does not track keys
-    /// a client writes, so a cached copy would never be invalidated.
-    pub fn write(
-        &self,
-        hint: usize,
-        cmd: Vec<u8>,
-        keys: &[&[u8]],
-    ) -> Result<redis::Value, BackendError> {
-        let result = self.backend.query(hint, cmd, 1);
-        for key in keys {
-            self.invalidate(key);
-        }
-        let value = result?.pop().unwrap_or(redis::Value::Nil);
-        if let redis::Value::ServerError(err) = &value {
-            return Err(BackendError::Reply(crate::backend::server_error_line(err)));
-        }
-        Ok(value)
-    }
-
-    /// Drops `key` from the cache, and keeps a GET in flight for it from
-    /// caching what it fetched (it may predate the change).
-    pub fn invalidate(&self, key: &[u8]) -> bool {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        if let Some(flight) = self.flights.get(key) {
-            flight.stale.store(true, Ordering::SeqCst);
-        }
-        self.cache.remove(key)
-    }
-
-    /// Empties the cache, and marks every GET in flight stale.
-    pub fn invalidate_all(&self) {
-        self.epoch.fetch_add(1, Ordering::SeqCst);
-        self.generation.fetch_add(1, Ordering::SeqCst);
-        for flight in self.flights.iter() {
-            flight.stale.store(true, Ordering::SeqCst);
-        }
-        self.cache.clear();
-    }
-
-    /// The Prometheus exposition of every counter.
-    pub fn render_metrics(&self) -> String {
-        self.metrics.render(&Snapshot {
-            cache: self.cache.stats(),
-            cache_entries: self.cache.len(),
-            backend: self.backend.stats(),
-            tracking: self.tracking.is_some(),
+    fn uncached_get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
+        let value = self.backend.get(key, hint)?;
+        Ok(Lookup {
+            value: value.map(|v| uncached(key, &v)).transpose()?,
+            source: Source::Miss,
         })
+    }
+}
+
+fn miss(value: Option<Value>) -> Lookup {
+    Lookup {
+        value,
+        source: Source::Miss,
     }
 }
 
@@ -326,25 +239,243 @@ fn uncached(key: &[u8], bytes: &[u8]) -> Result<Value, BackendError> {
     Ok(Value::new(key, bytes))
 }
 
-/// Ends a flight however the leader leaves (return or panic): removes it
-/// from the map, then wakes the waiters. A flight ended without a result
-/// (a panic) reads as an error to its waiters.
-struct Landing<'a> {
-    proxy: &'a Proxy,
-    key: &'a Key,
-    flight: &'a Arc<Flight>,
-}
-
-impl Drop for Landing<'_> {
-    fn drop(&mut self) {
-        self.proxy.flights.remove(self.key);
-        self.flight.done.fire();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::backend::{BackendStats, GetResult};
+    use crate::cache::SystemClock;
+    use crate::coherence::Freshness;
+    use crate::config::RedisTarget;
+    use crate::tracking::Tracking;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    type Hook = Box<dyn FnMut(&Mutex<HashMap<Vec<u8>, Vec<u8>>>) + Send>;
+
+    /// A Redis in memory. A GET reads its value, then runs the hook (what
+    /// happens elsewhere while the reply travels back), then replies with
+    /// what it read: exactly the window the races live in.
+    #[derive(Default)]
+    struct FakeRedis {
+        store: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
+        during: Mutex<Option<Hook>>,
+        stats: BackendStats,
+    }
+
+    impl FakeRedis {
+        fn put(&self, key: &[u8], value: &[u8]) {
+            self.store
+                .lock()
+                .unwrap()
+                .insert(key.to_vec(), value.to_vec());
+        }
+
+        /// Runs `hook` once, during the next GET or MGET.
+        fn during_next_get(
+            &self,
+            hook: impl FnMut(&Mutex<HashMap<Vec<u8>, Vec<u8>>>) + Send + 'static,
+        ) {
+            *self.during.lock().unwrap() = Some(Box::new(hook));
+        }
+
+        fn reply_travels(&self) {
+            if let Some(mut hook) = self.during.lock().unwrap().take() {
+                hook(&self.store);
+            }
+        }
+    }
+
+    impl Redis for FakeRedis {
+        fn get(&self, key: &[u8], _hint: usize) -> Result<Option<Vec<u8>>, BackendError> {
+            let read = self.store.lock().unwrap().get(key).cloned();
+            self.reply_travels();
+            Ok(read)
+        }
+        fn get_many(&self, keys: &[&[u8]], _hint: usize) -> Result<Vec<GetResult>, BackendError> {
+            let read: Vec<GetResult> = {
+                let store = self.store.lock().unwrap();
+                keys.iter().map(|k| Ok(store.get(*k).cloned())).collect()
+            };
+            self.reply_travels();
+            Ok(read)
+        }
+        fn set(
+            &self,
+            key: &[u8],
+            value: &[u8],
+            _: &[&[u8]],
+            _: usize,
+        ) -> Result<SetReply, BackendError> {
+            self.put(key, value);
+            Ok(SetReply::Ok)
+        }
+        fn del(&self, keys: &[&[u8]], _hint: usize) -> Result<u64, BackendError> {
+            let mut store = self.store.lock().unwrap();
+            Ok(keys.iter().filter(|k| store.remove(**k).is_some()).count() as u64)
+        }
+        fn ping(&self, _hint: usize) -> bool {
+            true
+        }
+        fn stats(&self) -> &BackendStats {
+            &self.stats
+        }
+    }
+
+    /// A core with tracking on and its listener up, over a fake Redis.
+    fn tracked() -> (
+        Arc<Proxy<Arc<FakeRedis>>>,
+        Arc<FakeRedis>,
+        Arc<CoreCoherence>,
+    ) {
+        let cache = Arc::new(Cache::new(
+            16,
+            Duration::from_secs(60),
+            Arc::new(SystemClock::default()),
+        ));
+        let metrics = Arc::new(Metrics::default());
+        let coherence = Arc::new(Coherence::new(cache, metrics.clone(), true));
+        coherence.listener_up(1);
+        let redis = Arc::new(FakeRedis::default());
+        let proxy = Arc::new(Proxy::new(redis.clone(), metrics, coherence.clone()));
+        (proxy, redis, coherence)
+    }
+
+    fn read(proxy: &Proxy<Arc<FakeRedis>>, key: &[u8]) -> (Option<Vec<u8>>, Source) {
+        let lookup = proxy.get(key, 0).expect("fake GET");
+        (lookup.value.map(|v| v.as_ref().to_vec()), lookup.source)
+    }
+
+    /// Another client's SET whose invalidation arrives while our GET is in
+    /// flight: the old value answers this GET but is not kept (guard: the
+    /// flight's stale mark, checked in `Lead::fill`).
+    #[test]
+    fn invalidation_during_a_fetch_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"k", b"old");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"new".to_vec());
+            coherence.invalidate(b"k");
+        });
+        assert_eq!(read(&proxy, b"k"), (Some(b"old".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Hit));
+    }
+
+    /// An invalidation of one of an MGET's keys while the MGET is in flight:
+    /// none of its misses is kept (guard: the epoch in `still_fresh`).
+    #[test]
+    fn invalidation_during_an_mget_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"a", b"old");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"a".to_vec(), b"new".to_vec());
+            coherence.invalidate(b"a");
+        });
+        let got = proxy.get_many(&[b"a"], 0).expect("fake MGET");
+        assert_eq!(got[0].as_deref(), Some(&b"old"[..]));
+        assert_eq!(read(&proxy, b"a"), (Some(b"new".to_vec()), Source::Miss));
+    }
+
+    /// `FLUSHALL` (a nil invalidation) while an MGET is in flight: nothing it
+    /// fetched is kept (guard: the generation in `still_fresh`).
+    #[test]
+    fn flush_during_an_mget_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"a", b"old-a");
+        redis.put(b"b", b"old-b");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().clear();
+            coherence.flush();
+        });
+        let got = proxy.get_many(&[b"a", b"b"], 0).expect("fake MGET");
+        assert_eq!(got[0].as_deref(), Some(&b"old-a"[..]));
+        assert_eq!(read(&proxy, b"a"), (None, Source::Miss));
+        assert_eq!(read(&proxy, b"b"), (None, Source::Miss));
+    }
+
+    /// A data connection reopened while a GET is in flight: Redis forgot
+    /// what it tracked for the old one, so a change since may never be
+    /// announced; the value is not kept (guard: the generation in
+    /// `Lead::fill`).
+    #[test]
+    fn data_reconnect_during_a_fetch_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"k", b"old");
+        redis.during_next_get(move |store| {
+            // The write lands while the link is down: no invalidation comes.
+            store.lock().unwrap().insert(b"k".to_vec(), b"new".to_vec());
+            coherence.data_link_reopened(0);
+        });
+        assert_eq!(read(&proxy, b"k"), (Some(b"old".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Miss));
+    }
+
+    /// lettuce#3481: the invalidation, on the listener's connection, arrives
+    /// before the GET reply it concerns, on the data connection. The
+    /// listener's own message handling (on its own thread) must find the
+    /// fetch (guard: the flight mark is registered before the GET is sent,
+    /// and checked after the insert).
+    #[test]
+    fn invalidation_before_its_get_reply_is_honoured() {
+        let (proxy, redis, coherence) = tracked();
+        let target = RedisTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            db: 0,
+            username: None,
+            password: None,
+        };
+        let listener = Tracking::new(
+            target,
+            Duration::from_secs(1),
+            coherence.clone() as Arc<dyn Freshness>,
+            Arc::new(Metrics::default()),
+        );
+        redis.put(b"k", b"old");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"new".to_vec());
+            let listener = listener.clone();
+            std::thread::spawn(move || {
+                listener.apply(redis::Value::Array(vec![
+                    redis::Value::BulkString(b"message".to_vec()),
+                    redis::Value::BulkString(b"__redis__:invalidate".to_vec()),
+                    redis::Value::Array(vec![redis::Value::BulkString(b"k".to_vec())]),
+                ]))
+            })
+            .join()
+            .expect("listener thread");
+        });
+        assert_eq!(read(&proxy, b"k"), (Some(b"old".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Miss));
+    }
+
+    /// Writes drop the written keys; DEL answers how many Redis removed.
+    #[test]
+    fn writes_drop_cached_keys() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"k", b"v1");
+        assert_eq!(read(&proxy, b"k").1, Source::Miss);
+        assert_eq!(read(&proxy, b"k").1, Source::Hit);
+        assert_eq!(proxy.set(b"k", b"v2", &[], 0), Ok(SetReply::Ok));
+        assert_eq!(read(&proxy, b"k"), (Some(b"v2".to_vec()), Source::Miss));
+        assert_eq!(proxy.del(&[b"k", b"absent"], 0), Ok(1));
+        assert_eq!(read(&proxy, b"k"), (None, Source::Miss));
+    }
+
+    /// With the listener down nothing is served from or kept in the cache.
+    #[test]
+    fn listener_down_bypasses_the_cache() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"k", b"v");
+        read(&proxy, b"k");
+        coherence.listener_down();
+        assert_eq!(read(&proxy, b"k").1, Source::Miss);
+        assert_eq!(read(&proxy, b"k").1, Source::Miss);
+        coherence.listener_up(2);
+        read(&proxy, b"k");
+        assert_eq!(read(&proxy, b"k").1, Source::Hit);
+    }
 
     /// Values up to the entry limit pass; one byte more is an error reply
     /// naming both sizes (checked by length: no 4 GiB allocation).

@@ -16,8 +16,9 @@ use may::coroutine::JoinHandle;
 use may::net::{TcpListener, TcpStream};
 
 use crate::backend::BackendError;
+use crate::backend::SetReply;
 use crate::clients::{Clients, Permit};
-use crate::metrics::{Frontend, Tally};
+use crate::metrics::{Frontend, Metrics, Tally};
 use crate::proxy::Proxy;
 
 /// Sent to a connection over the client limit, then it is closed.
@@ -207,20 +208,12 @@ impl Out<'_> {
         self.0.extend_from_slice(b);
         self.0.extend_from_slice(b"\r\n");
     }
-    /// A Redis reply passed through (the shapes SET and DEL produce).
-    fn value(&mut self, v: &redis::Value) {
-        match v {
-            redis::Value::Okay => self.simple("OK"),
-            redis::Value::SimpleString(s) => self.simple(s),
-            redis::Value::Int(n) => self.int(*n),
-            redis::Value::BulkString(b) => self.bulk(b),
-            redis::Value::Array(items) => {
-                self.array(items.len());
-                for item in items {
-                    self.value(item);
-                }
-            }
-            _ => self.nil(),
+    /// What SET answered.
+    fn set_reply(&mut self, r: &SetReply) {
+        match r {
+            SetReply::Ok => self.simple("OK"),
+            SetReply::Nil => self.nil(),
+            SetReply::Old(b) => self.bulk(b),
         }
     }
     fn nil(&mut self) {
@@ -247,6 +240,7 @@ enum Next {
 /// Everything a RESP connection needs besides its socket.
 pub struct RespShared {
     pub proxy: Arc<Proxy>,
+    pub metrics: Arc<Metrics>,
     pub clients: Arc<Clients>,
     pub max_request: usize,
     pub db: i64,
@@ -320,7 +314,7 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
     let mut session = Session { name: None };
     let mut next = Next::Continue;
     let mut tally = Tally::default();
-    let metrics = shared.proxy.metrics().clone();
+    let metrics = shared.metrics.clone();
     let mut batch_start = Instant::now();
     loop {
         // Answer every complete command in the buffer, then write once.
@@ -542,13 +536,16 @@ fn execute(
                 !args.is_empty()
             };
             if arity(ok, &mut out) {
-                let keys: &[&[u8]] = if name == "set" { &args[..1] } else { args };
-                let mut cmd = redis::cmd(if name == "set" { "SET" } else { "DEL" });
-                for a in args {
-                    cmd.arg(*a);
-                }
-                match shared.proxy.write(fd, cmd.get_packed_command(), keys) {
-                    Ok(value) => out.value(&value),
+                let written = if name == "set" {
+                    shared
+                        .proxy
+                        .set(args[0], args[1], &args[2..], fd)
+                        .map(|r| out.set_reply(&r))
+                } else {
+                    shared.proxy.del(args, fd).map(|n| out.int(n as i64))
+                };
+                match written {
+                    Ok(()) => {}
                     Err(e) => {
                         status = "error";
                         out.error(&backend_error_line(&e))
@@ -645,10 +642,10 @@ fn command_reply(out: &mut Out, args: &[&[u8]]) {
 fn info_text(shared: &RespShared) -> String {
     use std::sync::atomic::Ordering::Relaxed;
     let proxy = &shared.proxy;
-    let m = proxy.metrics();
-    let cache = proxy.cache();
-    let cs = cache.stats();
-    let bs = proxy.backend().stats();
+    let m = &shared.metrics;
+    let snapshot = proxy.snapshot();
+    let cs = snapshot.cache;
+    let bs = snapshot.backend;
     let mut s = String::with_capacity(1024);
     s.push_str("# Server\r\n");
     s.push_str(&format!("redis_version:{SERVER_VERSION}\r\n"));
@@ -667,7 +664,7 @@ fn info_text(shared: &RespShared) -> String {
         ("cache_coalesced_total", m.coalesced.get()),
         ("cache_evictions_lru_total", cs.evictions_lru.load(Relaxed)),
         ("cache_evictions_ttl_total", cs.evictions_ttl.load(Relaxed)),
-        ("cache_entries", cache.len() as u64),
+        ("cache_entries", snapshot.cache_entries as u64),
         ("redis_requests_total", bs.requests.load(Relaxed)),
         (
             "redis_errors_unavailable_total",
@@ -695,8 +692,7 @@ fn info_text(shared: &RespShared) -> String {
     s.push_str("\r\n# Cache\r\n");
     s.push_str(&format!(
         "cache_capacity:{}\r\ncache_keys:{}\r\n",
-        cache.capacity(),
-        cache.len()
+        snapshot.cache_capacity, snapshot.cache_entries
     ));
     s
 }

@@ -11,9 +11,10 @@ use std::time::{Duration, Instant};
 use may::coroutine::JoinHandle;
 use may_minihttp::HttpServiceFactory;
 
-use crate::backend::{Backend, BackendOptions, LinkHook};
+use crate::backend::{Backend, BackendOptions};
 use crate::cache::{Cache, SystemClock};
 use crate::clients::Clients;
+use crate::coherence::{Coherence, Freshness};
 use crate::config::{Config, Invalidation};
 use crate::http::HttpFactory;
 use crate::metrics::Metrics;
@@ -61,30 +62,38 @@ pub fn start(config: &Config) -> io::Result<Server> {
     let sweep_every =
         (config.cache_ttl() / 4).clamp(Duration::from_millis(5), Duration::from_secs(1));
     cache.spawn_sweeper(sweep_every);
-    let tracking = (config.cache_invalidation == Invalidation::Tracking)
-        .then(|| Tracking::new(target.clone(), config.redis_timeout(), metrics.clone()));
+    // Freshness sits beside the core, not below it: the data links and the
+    // invalidation listener report into it, the core reads it.
+    let tracked = config.cache_invalidation == Invalidation::Tracking;
+    let coherence = Arc::new(Coherence::new(cache, metrics.clone(), tracked));
+    let freshness = tracked.then(|| coherence.clone() as Arc<dyn Freshness>);
+    let tracking = freshness.clone().map(|freshness| {
+        Tracking::new(
+            target.clone(),
+            config.redis_timeout(),
+            freshness,
+            metrics.clone(),
+        )
+    });
     let backend = Backend::start(BackendOptions {
         target,
         connections: workers,
         timeout: config.redis_timeout(),
-        hook: tracking.clone().map(|t| t as Arc<dyn LinkHook>),
+        freshness,
     });
-    let proxy = Arc::new(Proxy::new(
-        cache,
-        backend,
-        metrics.clone(),
-        tracking.clone(),
-    ));
+    let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence));
     if let Some(tracking) = &tracking {
-        tracking.attach(&proxy);
         tracking.spawn();
     }
-    let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics);
+    // Front ends get the counters at construction (request counts, reply
+    // bytes, client figures); the core keeps cache and backend to itself.
+    let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics.clone());
     clients.spawn_reaper();
 
     let http_addr = resolve(&config.host, config.port)?;
     let http = HttpFactory {
         proxy: proxy.clone(),
+        metrics: metrics.clone(),
         clients: clients.clone(),
         allow_writes: config.allow_writes,
         max_body: config.resp_max_request_bytes,
@@ -96,6 +105,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
         let addr = resolve(&config.host, port)?;
         let shared = Arc::new(RespShared {
             proxy: proxy.clone(),
+            metrics: metrics.clone(),
             clients: clients.clone(),
             max_request: config.resp_max_request_bytes,
             db: target_db,

@@ -1,91 +1,69 @@
-//! tracking: the opt-in coherent mode (`CACHE_INVALIDATION=tracking`),
-//! built on Redis's server-assisted client-side caching.
+//! tracking: the invalidation listener of the opt-in coherent mode
+//! (`CACHE_INVALIDATION=tracking`), built on Redis's server-assisted
+//! client-side caching.
 //!
 //! Owns the invalidation connection (`CLIENT ID`, then
-//! `SUBSCRIBE __redis__:invalidate` on a dedicated thread), keeps every data
-//! connection tracking with `CLIENT TRACKING ON REDIRECT <id>` (through the
-//! backend's [`LinkHook`]), and turns invalidation messages into removals in
-//! the core. It never reads values.
+//! `SUBSCRIBE __redis__:invalidate`) and turns its messages into events on
+//! the [`Freshness`] state (`crate::coherence`): up, down, a key changed,
+//! everything changed. The data connections keep `CLIENT TRACKING ON
+//! REDIRECT <id>` on by themselves (the backend reads the id from the same
+//! state). It never reads values and never sees the core.
 //!
-//! # Guarantees
-//! - While the invalidation connection is down, [`Tracking::ready`] is false:
-//!   the core neither serves from nor fills the cache.
-//! - When it drops, or a data connection is reopened (Redis forgets what it
-//!   tracked for the old one), the cache is emptied before anything is served
-//!   from it again; tracking is then restored on each data connection, ahead
-//!   of its next batch.
-//! - A value fetched across any of those events is not cached (the core
-//!   compares [`Proxy::generation`] before and after its fetch).
+//! The connection opens through the backend's one connect path over a std
+//! socket on a thread of its own: it spends its life blocked in a read, which
+//! on a may worker would need a coroutine and would gain nothing, and its
+//! reconnect backoff can sleep without freezing a worker.
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, OnceLock, Weak};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::thread;
 use std::time::Duration;
 
 use redis::{Parser, Value};
 
-use crate::backend::{server_error_line, LinkHook};
+use crate::backend::connect::{connect, ConnectError};
+use crate::backend::server_error_line;
+use crate::coherence::Freshness;
 use crate::config::RedisTarget;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
 
 /// The channel Redis publishes invalidations on for REDIRECT clients.
 const CHANNEL: &str = "__redis__:invalidate";
 /// Longest pause between attempts to reopen the invalidation connection.
 const MAX_BACKOFF: Duration = Duration::from_millis(500);
 
-/// Shared state of the coherent mode.
+/// The invalidation listener.
 pub struct Tracking {
     target: RedisTarget,
     timeout: Duration,
-    /// Client id of the live invalidation connection, or -1 while it is down.
-    redirect: AtomicI64,
-    proxy: OnceLock<Weak<Proxy>>,
+    freshness: Arc<dyn Freshness>,
     metrics: Arc<Metrics>,
     stopped: AtomicBool,
 }
 
 impl Tracking {
-    /// A tracking state for `target`; call [`Tracking::attach`] then
-    /// [`Tracking::spawn`].
-    pub fn new(target: RedisTarget, timeout: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A listener for `target` reporting into `freshness`; call
+    /// [`Tracking::spawn`] to start it.
+    pub fn new(
+        target: RedisTarget,
+        timeout: Duration,
+        freshness: Arc<dyn Freshness>,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Tracking {
             target,
             timeout,
-            redirect: AtomicI64::new(-1),
-            proxy: OnceLock::new(),
+            freshness,
             metrics,
             stopped: AtomicBool::new(false),
         })
     }
 
-    /// Names the core whose cache invalidations apply to.
-    pub fn attach(&self, proxy: &Arc<Proxy>) {
-        self.proxy.set(Arc::downgrade(proxy)).ok();
-    }
-
-    /// True while invalidations can reach us: the cache may be used.
-    pub fn ready(&self) -> bool {
-        self.redirect.load(Ordering::SeqCst) >= 0
-    }
-
     /// Stops the invalidation thread at its next wake-up.
     pub fn stop(&self) {
         self.stopped.store(true, Ordering::SeqCst);
-    }
-
-    fn proxy(&self) -> Option<Arc<Proxy>> {
-        self.proxy.get().and_then(Weak::upgrade)
-    }
-
-    /// Empties the cache and makes every fetch in flight uncacheable.
-    fn flush(&self) {
-        if let Some(proxy) = self.proxy() {
-            proxy.invalidate_all();
-            self.metrics.cache_flushes.fetch_add(1, Ordering::Relaxed);
-        }
     }
 
     /// Starts the invalidation connection's thread. It reconnects with
@@ -114,11 +92,9 @@ impl Tracking {
                     warned = false;
                     backoff = Duration::from_millis(25);
                     log::info!("invalidation connection up (client id {id})");
-                    self.redirect.store(id, Ordering::SeqCst);
+                    self.freshness.listener_up(id);
                     let why = self.listen(stream, parser);
-                    // Order matters: stop using the cache, then empty it.
-                    self.redirect.store(-1, Ordering::SeqCst);
-                    self.flush();
+                    self.freshness.listener_down();
                     log::warn!("invalidation connection lost ({why}); cache emptied");
                 }
                 Err(why) => {
@@ -133,39 +109,21 @@ impl Tracking {
         }
     }
 
-    /// Opens the invalidation connection: AUTH, CLIENT ID, SUBSCRIBE.
+    /// Opens the invalidation connection: the shared handshake, then
+    /// CLIENT ID and SUBSCRIBE.
     fn subscribe(&self) -> Result<(TcpStream, Parser, i64), String> {
-        let addr: SocketAddr = (self.target.host.as_str(), self.target.port)
-            .to_socket_addrs()
-            .map_err(|e| e.to_string())?
-            .next()
-            .ok_or("no address")?;
-        let mut stream =
-            TcpStream::connect_timeout(&addr, self.timeout).map_err(|e| e.to_string())?;
-        stream.set_nodelay(true).ok();
-        stream.set_read_timeout(Some(self.timeout)).ok();
-        stream.set_write_timeout(Some(self.timeout)).ok();
-        let mut parser = Parser::new();
         let mut cmds = Vec::new();
-        let mut replies = 2;
-        if let Some(password) = &self.target.password {
-            let mut auth = redis::cmd("AUTH");
-            if let Some(user) = &self.target.username {
-                auth.arg(user);
-            }
-            auth.arg(password).write_packed_command(&mut cmds);
-            replies += 1;
-        }
         redis::cmd("CLIENT")
             .arg("ID")
             .write_packed_command(&mut cmds);
         redis::cmd("SUBSCRIBE")
             .arg(CHANNEL)
             .write_packed_command(&mut cmds);
-        stream.write_all(&cmds).map_err(|e| e.to_string())?;
+        let (conn, replies) = connect::<TcpStream>(&self.target, self.timeout, &cmds, 2)
+            .map_err(|e: ConnectError| e.to_string())?;
         let mut id = -1;
-        for _ in 0..replies {
-            match parser.parse_value(&mut stream).map_err(|e| e.to_string())? {
+        for reply in replies {
+            match reply {
                 Value::ServerError(err) => return Err(server_error_line(&err)),
                 Value::Int(n) => id = n,
                 _ => {}
@@ -174,7 +132,7 @@ impl Tracking {
         if id < 0 {
             return Err("CLIENT ID gave no id".into());
         }
-        Ok((stream, parser, id))
+        Ok((conn.stream, conn.parser, id))
     }
 
     /// Applies invalidation messages until the connection fails; returns why.
@@ -209,7 +167,7 @@ impl Tracking {
     }
 
     /// Handles one pushed message: `["message", channel, keys | nil]`.
-    fn apply(&self, value: Value) {
+    pub(crate) fn apply(&self, value: Value) {
         let Value::Array(parts) = value else {
             return;
         };
@@ -220,17 +178,14 @@ impl Tracking {
         if !is(kind, "message") || !is(channel, CHANNEL) {
             return;
         }
-        let Some(proxy) = self.proxy() else {
-            return;
-        };
         self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
         match payload {
             // FLUSHALL / FLUSHDB: everything goes.
-            Value::Nil => self.flush(),
+            Value::Nil => self.freshness.flush(),
             Value::Array(keys) => {
                 for key in keys {
                     if let Value::BulkString(key) = key {
-                        proxy.invalidate(key);
+                        self.freshness.invalidate(key);
                         self.metrics
                             .invalidated_keys
                             .fetch_add(1, Ordering::Relaxed);
@@ -238,38 +193,6 @@ impl Tracking {
                 }
             }
             _ => {}
-        }
-    }
-}
-
-impl LinkHook for Tracking {
-    fn connected(&self, index: usize, reconnect: bool) {
-        if reconnect {
-            // Redis dropped what it tracked for the old connection.
-            log::info!("redis connection {index} reopened; cache emptied");
-            self.flush();
-        }
-    }
-
-    fn preamble(&self, token: i64) -> Option<(Vec<u8>, usize, i64)> {
-        let redirect = self.redirect.load(Ordering::SeqCst);
-        // The token is redirect + 1, so 0 (a new link) never matches.
-        if redirect < 0 || token == redirect + 1 {
-            return None;
-        }
-        let cmd = redis::cmd("CLIENT")
-            .arg("TRACKING")
-            .arg("ON")
-            .arg("REDIRECT")
-            .arg(redirect)
-            .get_packed_command();
-        Some((cmd, 1, redirect + 1))
-    }
-
-    fn preamble_failed(&self, why: &str) {
-        log::warn!("CLIENT TRACKING failed ({why}); values fetched now are not cached");
-        if let Some(proxy) = self.proxy() {
-            proxy.distrust();
         }
     }
 }

@@ -1,0 +1,217 @@
+//! The one connect path: resolve, TCP connect, AUTH, SELECT (HELLO and TLS
+//! join here). Every connection to Redis opens through [`connect`]: the data
+//! links over may sockets, the invalidation listener over a std socket on
+//! its own thread. Each step is bounded by the timeout, and a failure says
+//! whether Redis was reached: a handshake that gets no reply in time is a
+//! [`ConnectError::Stalled`] (a timeout, 504), not "unavailable".
+
+use std::fmt;
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::time::Duration;
+
+use redis::{Parser, Value};
+
+use super::{server_error_line, BackendError};
+use crate::config::RedisTarget;
+
+/// A socket the connect path can open: may's (for coroutines) or std's (for
+/// a thread of its own).
+pub(crate) trait Socket: Read + Write + Sized {
+    fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<Self>;
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+}
+
+impl Socket for may::net::TcpStream {
+    fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let stream = may::net::TcpStream::connect_timeout(addr, timeout)?;
+        stream.set_nodelay(true).ok();
+        Ok(stream)
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+impl Socket for std::net::TcpStream {
+    fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<Self> {
+        let stream = std::net::TcpStream::connect_timeout(addr, timeout)?;
+        stream.set_nodelay(true).ok();
+        Ok(stream)
+    }
+    fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)?;
+        self.set_write_timeout(write)
+    }
+}
+
+/// Why a connection could not be opened.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) enum ConnectError {
+    /// Not reached: no address, refused, no TCP connection in time, or lost.
+    Unreachable(String),
+    /// TCP is up, but the handshake got no reply in time (Redis paused or
+    /// busy, e.g. `SIGSTOP` or `DEBUG SLEEP`).
+    Stalled,
+    /// Redis answered the handshake with an error (wrong password, bad db).
+    Refused(String),
+}
+
+impl fmt::Display for ConnectError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ConnectError::Unreachable(why) => f.write_str(why),
+            ConnectError::Stalled => f.write_str("no reply to the handshake in time"),
+            ConnectError::Refused(why) => write!(f, "setup refused: {why}"),
+        }
+    }
+}
+
+impl From<ConnectError> for BackendError {
+    fn from(e: ConnectError) -> Self {
+        match e {
+            ConnectError::Stalled => BackendError::Timeout,
+            other => BackendError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+/// An open, authenticated connection and its parser state.
+pub(crate) struct Conn<S> {
+    pub stream: S,
+    pub parser: Parser,
+}
+
+/// Opens a connection to `target` and runs the handshake (AUTH when a
+/// password is set, SELECT when the db is not 0), then `extra` (packed
+/// commands the caller wants in the same write, e.g. `CLIENT ID`), whose
+/// `extra_replies` replies come back as sent, errors included.
+pub(crate) fn connect<S: Socket>(
+    target: &RedisTarget,
+    timeout: Duration,
+    extra: &[u8],
+    extra_replies: usize,
+) -> Result<(Conn<S>, Vec<Value>), ConnectError> {
+    let addr = resolve(&target.host, target.port).map_err(ConnectError::Unreachable)?;
+    let stream = S::open(&addr, timeout).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let mut conn = Conn {
+        stream,
+        parser: Parser::new(),
+    };
+    let (mut cmds, handshake) = handshake(target);
+    cmds.extend_from_slice(extra);
+    if cmds.is_empty() {
+        return Ok((conn, Vec::new()));
+    }
+    conn.stream
+        .set_timeouts(Some(timeout), Some(timeout))
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    conn.stream.write_all(&cmds).map_err(|e| {
+        if is_timeout(&e) {
+            ConnectError::Stalled
+        } else {
+            ConnectError::Unreachable(format!("setup write failed: {e}"))
+        }
+    })?;
+    let mut replies = Vec::with_capacity(extra_replies);
+    for i in 0..handshake + extra_replies {
+        match conn.parser.parse_value(&mut conn.stream) {
+            Ok(Value::ServerError(err)) if i < handshake => {
+                return Err(ConnectError::Refused(server_error_line(&err)))
+            }
+            Ok(_) if i < handshake => {}
+            Ok(value) => replies.push(value),
+            Err(e) if e.is_timeout() => return Err(ConnectError::Stalled),
+            Err(e) => return Err(ConnectError::Unreachable(format!("setup failed: {e}"))),
+        }
+    }
+    Ok((conn, replies))
+}
+
+/// The handshake commands for `target` and how many replies they produce.
+fn handshake(target: &RedisTarget) -> (Vec<u8>, usize) {
+    let mut cmds = Vec::new();
+    let mut replies = 0;
+    if let Some(password) = &target.password {
+        let mut auth = redis::cmd("AUTH");
+        if let Some(user) = &target.username {
+            auth.arg(user);
+        }
+        auth.arg(password).write_packed_command(&mut cmds);
+        replies += 1;
+    }
+    if target.db != 0 {
+        redis::cmd("SELECT")
+            .arg(target.db)
+            .write_packed_command(&mut cmds);
+        replies += 1;
+    }
+    (cmds, replies)
+}
+
+fn is_timeout(e: &io::Error) -> bool {
+    matches!(
+        e.kind(),
+        io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+    )
+}
+
+/// The first address of `host:port`.
+pub(crate) fn resolve(host: &str, port: u16) -> Result<SocketAddr, String> {
+    (host, port)
+        .to_socket_addrs()
+        .map_err(|e| format!("cannot resolve {host}: {e}"))?
+        .next()
+        .ok_or_else(|| format!("cannot resolve {host}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn target(password: Option<&str>, db: i64) -> RedisTarget {
+        RedisTarget {
+            host: "127.0.0.1".into(),
+            port: 6379,
+            db,
+            username: None,
+            password: password.map(Into::into),
+        }
+    }
+
+    /// AUTH and SELECT are sent only when needed, each with one reply.
+    #[test]
+    fn handshake_sends_only_what_is_needed() {
+        assert_eq!(handshake(&target(None, 0)), (Vec::new(), 0));
+        let (cmds, n) = handshake(&target(Some("pw"), 1));
+        assert_eq!(n, 2);
+        let text = String::from_utf8_lossy(&cmds);
+        assert!(text.contains("AUTH") && text.contains("SELECT"), "{text}");
+    }
+
+    /// A stalled handshake is a timeout; anything else that fails is unavailable.
+    #[test]
+    fn stalled_is_a_timeout() {
+        assert_eq!(
+            BackendError::from(ConnectError::Stalled),
+            BackendError::Timeout
+        );
+        assert!(matches!(
+            BackendError::from(ConnectError::Refused("ERR x".into())),
+            BackendError::Unavailable(_)
+        ));
+    }
+
+    /// A listener that accepts but never answers stalls the handshake:
+    /// [`ConnectError::Stalled`], after about the timeout.
+    #[test]
+    fn silent_server_stalls_the_handshake() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t = target(Some("pw"), 0);
+        t.port = listener.local_addr().unwrap().port();
+        let got = connect::<std::net::TcpStream>(&t, Duration::from_millis(100), &[], 0);
+        assert_eq!(got.err(), Some(ConnectError::Stalled));
+        drop(listener);
+    }
+}
