@@ -1029,3 +1029,84 @@ fn large_value_reaches_a_slow_reader_whole() {
     s.read_exact(&mut pong).expect("PONG after the large value");
     assert_eq!(&pong, b"+PONG\r\n");
 }
+
+// ---------------------------------------------------------------------------
+// The command table and hardening (issues 11 and 12)
+
+/// The names in a `COMMAND` (or `COMMAND INFO`) reply.
+fn command_names(reply: Value) -> Vec<String> {
+    let Value::Array(rows) = reply else {
+        panic!("COMMAND is not an array: {reply:?}")
+    };
+    rows.iter()
+        .map(|row| match row {
+            Value::Array(fields) => match &fields[0] {
+                Value::BulkString(name) => String::from_utf8_lossy(name).into_owned(),
+                other => panic!("COMMAND name is not a bulk string: {other:?}"),
+            },
+            other => panic!("COMMAND row is not an array: {other:?}"),
+        })
+        .collect()
+}
+
+/// COMMAND answers from the table of served commands: with
+/// PROXY_ALLOW_WRITES, SET and DEL are served and listed (COMMAND, COUNT,
+/// LIST, INFO, GETKEYS agree); without it they are neither served nor listed.
+#[test]
+fn command_lists_exactly_the_served_commands() {
+    let redis = Redis::start();
+    let (_writes, port) = start(&redis, &[("PROXY_ALLOW_WRITES", "1")]);
+    let mut con = connect(port);
+    let names = command_names(query(&mut con, &[b"COMMAND"]).unwrap());
+    for name in ["get", "mget", "ping", "set", "del"] {
+        assert!(names.iter().any(|n| n == name), "{name} in {names:?}");
+    }
+    assert_eq!(
+        query(&mut con, &[b"COMMAND", b"COUNT"]).unwrap(),
+        Value::Int(names.len() as i64)
+    );
+    let Value::Array(list) = query(&mut con, &[b"COMMAND", b"LIST"]).unwrap() else {
+        panic!("COMMAND LIST is not an array")
+    };
+    let list: Vec<String> = list
+        .iter()
+        .map(|v| match v {
+            Value::BulkString(b) => String::from_utf8_lossy(b).into_owned(),
+            other => panic!("COMMAND LIST entry: {other:?}"),
+        })
+        .collect();
+    assert_eq!(list, names);
+    let Value::Array(info) = query(&mut con, &[b"COMMAND", b"INFO", b"SET", b"nosuch"]).unwrap()
+    else {
+        panic!("COMMAND INFO is not an array")
+    };
+    assert_eq!(info.len(), 2);
+    assert_eq!(info[1], Value::Nil);
+    assert_eq!(command_names(Value::Array(vec![info[0].clone()])), ["set"]);
+    assert_eq!(
+        query(&mut con, &[b"COMMAND", b"GETKEYS", b"DEL", b"a", b"b"]).unwrap(),
+        Value::Array(vec![
+            Value::BulkString(b"a".to_vec()),
+            Value::BulkString(b"b".to_vec())
+        ])
+    );
+    assert_eq!(
+        query(&mut con, &[b"COMMAND", b"GETKEYS", b"SET", b"k", b"v"]).unwrap(),
+        Value::Array(vec![Value::BulkString(b"k".to_vec())])
+    );
+    assert_eq!(query(&mut con, &[b"SET", b"k", b"v"]).unwrap(), Value::Okay);
+    assert_eq!(query(&mut con, &[b"DEL", b"k"]).unwrap(), Value::Int(1));
+
+    let (_reads, port) = start(&redis, &[]);
+    let mut con = connect(port);
+    let names = command_names(query(&mut con, &[b"COMMAND"]).unwrap());
+    assert!(!names.iter().any(|n| n == "set" || n == "del"), "{names:?}");
+    assert_eq!(
+        expect_error(query(&mut con, &[b"DEL", b"k"])),
+        "ERR unknown command 'DEL'"
+    );
+    assert_eq!(
+        expect_error(query(&mut con, &[b"COMMAND", b"GETKEYS", b"DEL", b"k"])),
+        "ERR Invalid command specified"
+    );
+}
