@@ -276,16 +276,7 @@ pub fn start(shared: Arc<RespShared>, addr: SocketAddr) -> io::Result<JoinHandle
                 let fd = stream.as_raw_fd() as usize;
                 let shared = shared.clone();
                 let builder = may::coroutine::Builder::new().id(fd);
-                let spawned = may::go!(builder, move || {
-                    match shared.clients.admit(fd, shared.max_request) {
-                        Some(permit) => serve(stream, permit, &shared, fd),
-                        None => {
-                            let guard = shared.clients.reject(fd, BUSY_REPLY);
-                            drain_until_closed(stream);
-                            drop(guard);
-                        }
-                    }
-                });
+                let spawned = may::go!(builder, move || connection(stream, &shared, fd));
                 if let Err(e) = spawned {
                     log::warn!("cannot spawn resp connection: {e}");
                 }
@@ -295,9 +286,24 @@ pub fn start(shared: Arc<RespShared>, addr: SocketAddr) -> io::Result<JoinHandle
     Ok(handle)
 }
 
+/// Serves one accepted connection, or refuses it over the client limit.
+/// The permit always goes before the socket: a connection leaves the
+/// client registry before its fd can be closed and reused.
+fn connection(mut stream: TcpStream, shared: &RespShared, fd: usize) {
+    match shared.clients.admit(fd, shared.max_request) {
+        Some(permit) => serve(&mut stream, permit, shared, fd),
+        None => {
+            let permit = shared.clients.reject(fd, BUSY_REPLY);
+            drain_until_closed(&mut stream);
+            drop(permit);
+        }
+    }
+    drop(stream);
+}
+
 /// Reads and discards until the peer closes (or the reaper cuts us), so a
 /// refused client reads its error instead of a reset.
-fn drain_until_closed(mut stream: TcpStream) {
+fn drain_until_closed(stream: &mut TcpStream) {
     let mut buf = [0u8; 1024];
     stream.set_read_timeout(Some(Duration::from_secs(1))).ok();
     while let Ok(n) = stream.read(&mut buf) {
@@ -312,7 +318,8 @@ struct Session {
     name: Option<Vec<u8>>,
 }
 
-fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) {
+/// Runs the connection until it ends; `permit` is dropped on return.
+fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize) {
     stream.set_nodelay(true).ok();
     // A client that stops reading its replies is cut after the idle timeout.
     stream.set_write_timeout(Some(shared.idle_timeout)).ok();

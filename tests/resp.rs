@@ -1110,3 +1110,149 @@ fn command_lists_exactly_the_served_commands() {
         "ERR Invalid command specified"
     );
 }
+
+/// `redis_proxy_clients_connected` from `/-/metrics` (the scrape's own HTTP
+/// connection included).
+fn clients_connected(proxy: &Proxy) -> i64 {
+    let text = proxy.get("/-/metrics").text();
+    text.lines()
+        .find_map(|l| l.strip_prefix("redis_proxy_clients_connected "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no clients_connected in:\n{text}"))
+}
+
+/// Clients closed for bad input (protocol errors, and refusals at the client
+/// limit) must never take a healthy connection's registry entry with them
+/// when its fd is reused. For 20 s, healthy clients open keep-alive
+/// connections, PING on each, then leave it idle (open) for the reaper,
+/// while bad clients keep the proxy at its client limit: no healthy
+/// connection is cut while it PINGs, every idle one is closed by the reaper
+/// (a connection whose entry was lost never would be), and
+/// `clients_connected` returns to its baseline.
+#[test]
+fn bad_clients_never_cost_a_healthy_client_its_registration() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::mpsc;
+    const RUN: Duration = Duration::from_secs(20);
+    /// An idle connection must be reaped within this (idle timeout 300 ms).
+    const REAPED_WITHIN: Duration = Duration::from_secs(5);
+    let redis = Redis::start();
+    let (proxy, port) = start(
+        &redis,
+        &[
+            ("PROXY_MAX_CLIENTS", "48"),
+            ("PROXY_IDLE_TIMEOUT_MS", "300"),
+        ],
+    );
+    let baseline = clients_connected(&proxy);
+    let stop = Arc::new(AtomicBool::new(false));
+    let failures = Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    let (idle_tx, idle_rx) = mpsc::channel::<(TcpStream, Instant)>();
+    let counts: Arc<[AtomicU64; 4]> = Arc::new(Default::default());
+    const SERVED: usize = 0;
+    const REFUSED: usize = 1;
+    const BAD: usize = 2;
+    let connect = move || {
+        let s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+        s.set_read_timeout(Some(DEADLINE)).ok()?;
+        s.set_nodelay(true).ok()?;
+        Some(s)
+    };
+    let mut threads = Vec::new();
+    for _ in 0..4 {
+        let (stop, failures, idle_tx, counts) = (
+            stop.clone(),
+            failures.clone(),
+            idle_tx.clone(),
+            counts.clone(),
+        );
+        threads.push(thread::spawn(move || {
+            let mut reply = [0u8; 7];
+            while !stop.load(Ordering::Relaxed) {
+                let Some(mut s) = connect() else { continue };
+                let first = s
+                    .write_all(b"PING\r\n")
+                    .and_then(|_| s.read_exact(&mut reply));
+                if first.is_err() || &reply == b"-ERR ma" {
+                    counts[REFUSED].fetch_add(1, Ordering::Relaxed);
+                    thread::sleep(Duration::from_millis(1));
+                    continue;
+                }
+                for i in 0..10 {
+                    let pong = s
+                        .write_all(b"PING\r\n")
+                        .and_then(|_| s.read_exact(&mut reply));
+                    if pong.is_err() || &reply != b"+PONG\r\n" {
+                        failures
+                            .lock()
+                            .unwrap()
+                            .push(format!("healthy client cut at PING {i}: {pong:?}"));
+                        break;
+                    }
+                    thread::sleep(Duration::from_millis(1));
+                }
+                counts[SERVED].fetch_add(1, Ordering::Relaxed);
+                // Left open and idle: the reaper must close it.
+                let _ = idle_tx.send((s, Instant::now()));
+            }
+        }));
+    }
+    drop(idle_tx);
+    for _ in 0..4 {
+        let (stop, counts) = (stop.clone(), counts.clone());
+        threads.push(thread::spawn(move || {
+            let mut sink = [0u8; 256];
+            while !stop.load(Ordering::Relaxed) {
+                let Some(mut s) = connect() else { continue };
+                let _ = s.write_all(b"*1\r\n+x\r\n");
+                while let Ok(n) = s.read(&mut sink) {
+                    if n == 0 {
+                        break;
+                    }
+                }
+                counts[BAD].fetch_add(1, Ordering::Relaxed);
+            }
+        }));
+    }
+    // Each idle connection, oldest first, must be closed by the proxy.
+    let janitor = {
+        let failures = failures.clone();
+        thread::spawn(move || {
+            let mut probe = [0u8; 16];
+            for (mut s, since) in idle_rx {
+                let left = REAPED_WITHIN.saturating_sub(since.elapsed());
+                s.set_read_timeout(Some(left.max(Duration::from_millis(1))))
+                    .unwrap();
+                match s.read(&mut probe) {
+                    Ok(0) => {}
+                    Err(e) if e.kind() == io::ErrorKind::ConnectionReset => {}
+                    other => failures.lock().unwrap().push(format!(
+                        "idle connection not reaped within {REAPED_WITHIN:?}: {other:?}"
+                    )),
+                }
+            }
+        })
+    };
+    thread::sleep(RUN);
+    stop.store(true, Ordering::Relaxed);
+    for t in threads {
+        t.join().expect("client thread");
+    }
+    janitor.join().expect("janitor thread");
+    let counts: Vec<u64> = counts.iter().map(|c| c.load(Ordering::Relaxed)).collect();
+    eprintln!(
+        "healthy connections {}, refused {}, bad {}",
+        counts[SERVED], counts[REFUSED], counts[BAD]
+    );
+    let failures = failures.lock().unwrap();
+    assert!(
+        failures.is_empty(),
+        "{} failures, first: {:?}",
+        failures.len(),
+        &failures[..failures.len().min(5)]
+    );
+    assert!(counts[SERVED] > 100 && counts[REFUSED] > 0, "{counts:?}");
+    poll_until("clients_connected back to its baseline", || {
+        (clients_connected(&proxy) <= baseline).then_some(())
+    });
+}
