@@ -1111,6 +1111,14 @@ fn command_lists_exactly_the_served_commands() {
     );
 }
 
+/// Held by the tests that load the machine for seconds (and by the one that
+/// bounds a latency), so that they never run at the same time.
+static HEAVY: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn heavy() -> std::sync::MutexGuard<'static, ()> {
+    HEAVY.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// `redis_proxy_clients_connected` from `/-/metrics` (the scrape's own HTTP
 /// connection included).
 fn clients_connected(proxy: &Proxy) -> i64 {
@@ -1136,6 +1144,7 @@ fn bad_clients_never_cost_a_healthy_client_its_registration() {
     const RUN: Duration = Duration::from_secs(20);
     /// An idle connection must be reaped within this (idle timeout 300 ms).
     const REAPED_WITHIN: Duration = Duration::from_secs(5);
+    let _heavy = heavy();
     let redis = Redis::start();
     let (proxy, port) = start(
         &redis,
@@ -1211,6 +1220,7 @@ fn bad_clients_never_cost_a_healthy_client_its_registration() {
                     }
                 }
                 counts[BAD].fetch_add(1, Ordering::Relaxed);
+                thread::sleep(Duration::from_micros(500));
             }
         }));
     }
@@ -1255,4 +1265,58 @@ fn bad_clients_never_cost_a_healthy_client_its_registration() {
     poll_until("clients_connected back to its baseline", || {
         (clients_connected(&proxy) <= baseline).then_some(())
     });
+}
+
+/// One request of 1,000,000 one-byte arguments (`DEL a a ...`, refused as an
+/// unknown command without PROXY_ALLOW_WRITES) does not freeze the other
+/// clients of its worker: with one worker, a client PINGing every 10 ms
+/// meanwhile never waits more than 100 ms for its PONG (issue 12's bound;
+/// the parser restarting on every read took seconds).
+#[test]
+fn a_million_argument_request_does_not_stall_other_clients() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    const ARGS: usize = 1_000_000;
+    let _heavy = heavy();
+    let redis = Redis::start();
+    let (_proxy, port) = start(&redis, &[("PROXY_WORKERS", "1")]);
+    let mut pinger = Raw::connect(port);
+    pinger.roundtrip(b"PING\r\n", b"+PONG\r\n");
+    let done = Arc::new(AtomicBool::new(false));
+    let pings = {
+        let done = done.clone();
+        thread::spawn(move || {
+            let mut worst = Duration::ZERO;
+            let mut count = 0;
+            // A few PINGs after the big reply too: its tail may still be in work.
+            let mut after = 10;
+            while after > 0 {
+                if done.load(Ordering::Relaxed) {
+                    after -= 1;
+                }
+                let sent = Instant::now();
+                pinger.roundtrip(b"PING\r\n", b"+PONG\r\n");
+                worst = worst.max(sent.elapsed());
+                count += 1;
+                thread::sleep(Duration::from_millis(10));
+            }
+            (worst, count)
+        })
+    };
+    let mut request = format!("*{}\r\n$3\r\nDEL\r\n", ARGS + 1).into_bytes();
+    for _ in 0..ARGS {
+        request.extend_from_slice(b"$1\r\na\r\n");
+    }
+    let mut big = Raw::connect(port);
+    let sent = Instant::now();
+    big.send(&request);
+    big.expect(b"-ERR unknown command 'DEL'\r\n");
+    let took = sent.elapsed();
+    done.store(true, Ordering::Relaxed);
+    big.roundtrip(b"PING\r\n", b"+PONG\r\n");
+    let (worst, count) = pings.join().expect("pinger");
+    eprintln!("big request answered after {took:?}; {count} PINGs, slowest {worst:?}");
+    assert!(
+        worst <= Duration::from_millis(100),
+        "a PING waited {worst:?} while the big request was parsed"
+    );
 }

@@ -8,6 +8,7 @@
 //! writes and counts. They never parse bytes or touch the socket.
 
 use std::borrow::Cow;
+use std::ops::Range;
 
 use super::{backend_error_line, hello_reply, info_text, Next, Out, RespShared, Session};
 use crate::metrics::Tally;
@@ -130,9 +131,14 @@ fn wrong_arity(name: &str) -> Refused {
     format!("ERR wrong number of arguments for '{name}' command").into()
 }
 
-/// Runs one command (`argv[0]` is its name) and appends its reply.
-pub(super) fn execute(
-    argv: &[&[u8]],
+/// Runs one command and appends its reply. The command is a buffer and
+/// the ranges of its arguments in it (the name first, so never empty);
+/// `argv` is scratch space for the argument slices, filled only once the
+/// command is known to run (a refused command of a million arguments costs
+/// no pass over them).
+pub(super) fn execute<'b>(
+    (buf, args): (&'b [u8], &[Range<usize>]),
+    argv: &mut Vec<&'b [u8]>,
     shared: &RespShared,
     fd: usize,
     session: &mut Session,
@@ -141,7 +147,7 @@ pub(super) fn execute(
 ) -> Next {
     // Lower-case the name on the stack: no allocation per command.
     let mut lower = [0u8; 16];
-    let raw_name = argv[0];
+    let raw_name = &buf[args[0].clone()];
     let name = match lower.get_mut(..raw_name.len()) {
         Some(dst) => {
             for (d, s) in dst.iter_mut().zip(raw_name) {
@@ -158,7 +164,11 @@ pub(super) fn execute(
         session,
     };
     let outcome = match lookup(name, shared) {
-        Some(cmd) if arity_ok(cmd.arity, argv.len()) => (cmd.run)(&mut call, &argv[1..]),
+        Some(cmd) if arity_ok(cmd.arity, args.len()) => {
+            argv.clear();
+            argv.extend(args[1..].iter().map(|r| &buf[r.clone()]));
+            (cmd.run)(&mut call, argv)
+        }
         Some(cmd) => Err(wrong_arity(cmd.name)),
         None => {
             let shown: String = String::from_utf8_lossy(raw_name)
