@@ -150,6 +150,12 @@ fn connection(mut stream: TcpStream, shared: &RespShared, fd: usize) {
     match shared.clients.admit(fd, shared.max_request) {
         Some(permit) => serve(&mut stream, permit, shared, fd),
         None => {
+            // An answered request, as every one is (DESIGN.md counters);
+            // counted before the answer goes out, so a client that has read
+            // it finds it counted.
+            let metrics = shared.proxy.metrics();
+            metrics.request(Frontend::Resp, "error", Duration::ZERO);
+            metrics.response_bytes(Frontend::Resp, BUSY_REPLY.len());
             let permit = shared.clients.reject(fd, BUSY_REPLY);
             drain_until_closed(&mut stream);
             drop(permit);

@@ -1320,3 +1320,40 @@ fn a_million_argument_request_does_not_stall_other_clients() {
         "a PING waited {worst:?} while the big request was parsed"
     );
 }
+
+/// `requests_total{frontend="resp",status}` as scraped over `http` (0 when absent).
+fn resp_requests(http: &mut common::Http, status: &str) -> u64 {
+    let row = format!("redis_proxy_requests_total{{frontend=\"resp\",status=\"{status}\"}} ");
+    http.get("/-/metrics")
+        .text()
+        .lines()
+        .find_map(|l| l.strip_prefix(&row).map(|v| v.trim().parse().expect(l)))
+        .unwrap_or(0)
+}
+
+/// The over-limit answer is an answered request: it counts in
+/// `requests_total{frontend="resp",status="error"}` (DESIGN.md counters).
+#[test]
+fn over_the_client_limit_answer_counts_as_a_request() {
+    let redis = Redis::start();
+    let (proxy, port) = start(&redis, &[("PROXY_MAX_CLIENTS", "2")]);
+    // The two slots: a RESP client, and the HTTP connection that scrapes.
+    let _holder = poll_until("one RESP client admitted", || {
+        let mut raw = Raw::connect(port);
+        raw.send(b"PING\r\n");
+        let mut buf = [0u8; 7];
+        raw.stream.read_exact(&mut buf).ok()?;
+        (&buf == b"+PONG\r\n").then_some(raw)
+    });
+    let mut http = poll_until("the scraper admitted", || {
+        let mut http = common::Http::try_connect(proxy.port()).ok()?;
+        let r = http.request("GET", "/-/healthy", &[]).ok()?;
+        (r.status == 200).then_some(http)
+    });
+    let before = resp_requests(&mut http, "error");
+    for _ in 0..3 {
+        let got = Raw::connect(port).read_until_closed();
+        assert_eq!(show(&got), show(b"-ERR max number of clients reached\r\n"));
+    }
+    assert_eq!(resp_requests(&mut http, "error"), before + 3);
+}
