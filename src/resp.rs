@@ -1,9 +1,11 @@
 //! resp: the Redis-protocol (RESP2) front end.
 //!
-//! Owns its accept loop, the request parser (multibulk and inline), the
-//! command subset, and the one place where results and errors become RESP
-//! replies. Reads go through the shared core (`proxy`); client admission and
-//! idle reaping go through `clients`, shared with HTTP.
+//! Owns its accept loop, the connection loop, and the one place where
+//! results and errors become RESP replies. Its parts: `parse`, the
+//! incremental request parser (multibulk and inline); `commands`, the table
+//! of served commands, one handler each, which also answers `COMMAND`.
+//! Reads go through the shared core (`proxy`); client admission and idle
+//! reaping go through `clients`, shared with HTTP.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
