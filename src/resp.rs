@@ -35,7 +35,7 @@ const READ_CHUNK: usize = 16 * 1024;
 /// many bytes read or commands answered without a pause: a socket that
 /// always has data never makes a read wait, so a huge request or pipeline
 /// would otherwise hold the worker to itself.
-const YIELD_BYTES: usize = 128 * 1024;
+const YIELD_BYTES: usize = 64 * 1024;
 const YIELD_COMMANDS: u32 = 1024;
 /// How long such a pause lasts; see [`let_others_run`].
 const YIELD_PAUSE: Duration = Duration::from_micros(100);
