@@ -13,7 +13,9 @@
 //! idle too long or buffer too much; the connection's loop then sees EOF and
 //! ends. The reaper shuts a socket down only while holding the registry shard
 //! lock over its entry, and a connection unregisters (under the same lock)
-//! before its fd is closed, so the reaper never touches a reused fd.
+//! before its fd is closed, so the reaper never touches a reused fd; and a
+//! permit removes only its own entry (same `ConnState`), never one that a
+//! later connection on the same fd number registered.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
@@ -368,7 +370,11 @@ impl Drop for InFlight<'_> {
 
 impl Drop for Permit {
     fn drop(&mut self) {
-        self.clients.registry.remove(&self.fd);
+        // Only our own entry: should the fd already be closed and reused,
+        // the entry under it is the new connection's.
+        self.clients
+            .registry
+            .remove_if(&self.fd, |_, state| Arc::ptr_eq(state, &self.state));
         if self.counted {
             self.clients
                 .metrics
@@ -461,5 +467,29 @@ mod sys {
             );
             (rc == 0).then_some((info.tcpi_bytes_received, info.tcpi_bytes_acked))
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An fd no test process has open: the socket calls fail harmlessly.
+    const FD: usize = 1 << 20;
+
+    /// A permit dropped after its fd number was reused removes its own
+    /// registry entry only, not the new connection's.
+    #[test]
+    fn permit_drop_leaves_a_reused_fds_entry() {
+        let clients = Clients::new(4, Duration::from_secs(60), Arc::default());
+        let old = clients.admit(FD, 1024).expect("admitted");
+        let new = clients.admit(FD, 1024).expect("admitted");
+        drop(old);
+        let entry = clients.registry.get(&FD).map(|e| e.value().clone());
+        assert!(entry.is_some_and(|s| Arc::ptr_eq(&s, &new.state)));
+        assert_eq!(clients.connected(), 1);
+        drop(new);
+        assert!(clients.registry.is_empty());
+        assert_eq!(clients.connected(), 0);
     }
 }
