@@ -300,12 +300,22 @@ impl Proxy {
 
     /// The Prometheus exposition of every counter.
     pub fn render_metrics(&self) -> String {
-        self.metrics.render(&Snapshot {
+        self.metrics.render(&self.snapshot())
+    }
+
+    /// The `# Stats` section of RESP `INFO`: the same counters.
+    pub fn render_info(&self) -> String {
+        self.metrics.render_info(&self.snapshot())
+    }
+
+    /// What the metrics renderings read from the cache and the backend.
+    fn snapshot(&self) -> Snapshot<'_> {
+        Snapshot {
             cache: self.cache.stats(),
             cache_entries: self.cache.len(),
             backend: self.backend.stats(),
             tracking: self.tracking.is_some(),
-        })
+        }
     }
 }
 

@@ -17,7 +17,7 @@ use may::net::{TcpListener, TcpStream};
 
 use crate::backend::BackendError;
 use crate::clients::{Clients, Permit};
-use crate::metrics::{Frontend, Tally};
+use crate::metrics::{Frontend, Status, Tally};
 use crate::proxy::Proxy;
 
 /// Sent to a connection over the client limit, then it is closed.
@@ -360,7 +360,7 @@ fn serve(mut stream: TcpStream, permit: Permit, shared: &RespShared, fd: usize) 
             // Every command of the batch is answered by this one write, so
             // they share its latency: one clock read per batch, not per command.
             if !tally.is_empty() {
-                metrics.requests_batch(Frontend::Resp, &mut tally, batch_start.elapsed());
+                metrics.requests_batch(&mut tally, batch_start.elapsed());
             }
             if written.is_err() {
                 return;
@@ -419,7 +419,7 @@ fn execute(
         }
         ok
     };
-    let mut status = "ok";
+    let mut status = Status::Ok;
     let mut next = Next::Continue;
     match name {
         "get" => {
@@ -428,17 +428,17 @@ fn execute(
                     Ok(lookup) => match lookup.value {
                         Some(v) => out.bulk(&v),
                         None => {
-                            status = "nil";
+                            status = Status::Nil;
                             out.nil()
                         }
                     },
                     Err(e) => {
-                        status = "error";
+                        status = Status::Error;
                         out.error(&backend_error_line(&e))
                     }
                 }
             } else {
-                status = "error";
+                status = Status::Error;
             }
         }
         "mget" => {
@@ -454,12 +454,12 @@ fn execute(
                         }
                     }
                     Err(e) => {
-                        status = "error";
+                        status = Status::Error;
                         out.error(&backend_error_line(&e))
                     }
                 }
             } else {
-                status = "error";
+                status = Status::Error;
             }
         }
         "ping" => match args {
@@ -467,14 +467,14 @@ fn execute(
             [msg] => out.bulk(msg),
             _ => {
                 arity(false, &mut out);
-                status = "error";
+                status = Status::Error;
             }
         },
         "echo" => {
             if arity(args.len() == 1, &mut out) {
                 out.bulk(args[0]);
             } else {
-                status = "error";
+                status = Status::Error;
             }
         }
         "quit" => {
@@ -486,7 +486,7 @@ fn execute(
             match proto.as_deref() {
                 None | Some("2") => hello_reply(&mut out, fd),
                 Some(_) => {
-                    status = "error";
+                    status = Status::Error;
                     out.error("NOPROTO unsupported protocol version")
                 }
             }
@@ -508,7 +508,7 @@ fn execute(
                 (Some("setinfo"), 3) => out.simple("OK"),
                 (Some("id"), 1) => out.int(fd as i64),
                 _ => {
-                    status = "error";
+                    status = Status::Error;
                     out.error(&format!(
                         "ERR unknown subcommand or wrong number of arguments for 'client|{}'",
                         sub.unwrap_or_default()
@@ -523,11 +523,11 @@ fn execute(
                 .and_then(|a| a.parse::<i64>().ok());
             if args.len() != 1 {
                 arity(false, &mut out);
-                status = "error";
+                status = Status::Error;
             } else if db == Some(shared.db) {
                 out.simple("OK")
             } else {
-                status = "error";
+                status = Status::Error;
                 out.error(&format!("ERR this proxy serves db {} only", shared.db))
             }
         }
@@ -550,16 +550,16 @@ fn execute(
                 match shared.proxy.write(fd, cmd.get_packed_command(), keys) {
                     Ok(value) => out.value(&value),
                     Err(e) => {
-                        status = "error";
+                        status = Status::Error;
                         out.error(&backend_error_line(&e))
                     }
                 }
             } else {
-                status = "error";
+                status = Status::Error;
             }
         }
         _ => {
-            status = "error";
+            status = Status::Error;
             let shown: String = String::from_utf8_lossy(argv[0]).chars().take(128).collect();
             out.error(&format!("ERR unknown command '{shown}'"))
         }
@@ -643,12 +643,8 @@ fn command_reply(out: &mut Out, args: &[&[u8]]) {
 }
 
 fn info_text(shared: &RespShared) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let proxy = &shared.proxy;
-    let m = proxy.metrics();
     let cache = proxy.cache();
-    let cs = cache.stats();
-    let bs = proxy.backend().stats();
     let mut s = String::with_capacity(1024);
     s.push_str("# Server\r\n");
     s.push_str(&format!("redis_version:{SERVER_VERSION}\r\n"));
@@ -660,38 +656,8 @@ fn info_text(shared: &RespShared) -> String {
         shared.clients.connected(),
         shared.clients.max()
     ));
-    s.push_str("\r\n# Stats\r\n");
-    let rows: [(&str, u64); 14] = [
-        ("cache_hits_total", m.hits.get()),
-        ("cache_misses_total", m.misses.get()),
-        ("cache_coalesced_total", m.coalesced.get()),
-        ("cache_evictions_lru_total", cs.evictions_lru.load(Relaxed)),
-        ("cache_evictions_ttl_total", cs.evictions_ttl.load(Relaxed)),
-        ("cache_entries", cache.len() as u64),
-        ("redis_requests_total", bs.requests.load(Relaxed)),
-        (
-            "redis_errors_unavailable_total",
-            bs.errors_unavailable.load(Relaxed),
-        ),
-        (
-            "redis_errors_timeout_total",
-            bs.errors_timeout.load(Relaxed),
-        ),
-        ("redis_errors_reply_total", bs.errors_reply.load(Relaxed)),
-        ("redis_reconnects_total", bs.reconnects.load(Relaxed)),
-        ("clients_rejected_total", m.clients_rejected.load(Relaxed)),
-        ("clients_reaped_total", m.clients_reaped.load(Relaxed)),
-        // Redis's own name for the same figure.
-        ("total_net_output_bytes", m.response_bytes_total()),
-    ];
-    for (k, v) in rows {
-        s.push_str(&format!("{k}:{v}\r\n"));
-    }
-    s.push_str(&format!(
-        "keyspace_hits:{}\r\nkeyspace_misses:{}\r\n",
-        m.hits.get(),
-        m.misses.get()
-    ));
+    s.push_str("\r\n");
+    s.push_str(&proxy.render_info());
     s.push_str("\r\n# Cache\r\n");
     s.push_str(&format!(
         "cache_capacity:{}\r\ncache_keys:{}\r\n",
