@@ -906,6 +906,15 @@ mod tests {
         assert_eq!(Status::from_http(418), None);
     }
 
+    /// An HTTP code without a status is a bug caught in debug builds, not
+    /// a request silently counted under another label.
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "HTTP 418 has no metrics::Status")]
+    fn unknown_http_code_panics_in_debug_builds() {
+        Status::http(418);
+    }
+
     /// A batch tally adds each status once and empties itself.
     #[test]
     fn tally_adds_by_status() {
