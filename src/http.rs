@@ -19,7 +19,7 @@ use serde_json::{Map, Value as Json};
 use crate::backend::BackendError;
 use crate::clients::{Clients, Permit, HTTP_MAX_PENDING};
 use crate::config::{MAX_HEAD_BYTES, MAX_KEY_BYTES};
-use crate::metrics::{Frontend, Metrics};
+use crate::metrics::{Frontend, Metrics, Status};
 use crate::proxy::{Proxy, Source};
 
 /// Sent, whole, to a connection over the client limit; then it is closed.
@@ -207,22 +207,6 @@ fn reason(code: usize) -> &'static str {
         503 => "Service Unavailable",
         504 => "Gateway Timeout",
         _ => "Internal Server Error",
-    }
-}
-
-fn status_label(code: usize) -> &'static str {
-    match code {
-        200 => "200",
-        204 => "204",
-        400 => "400",
-        404 => "404",
-        405 => "405",
-        413 => "413",
-        431 => "431",
-        502 => "502",
-        503 => "503",
-        504 => "504",
-        _ => "500",
     }
 }
 
@@ -600,7 +584,7 @@ impl HttpService for HttpConn {
         }
         self.sent(wire);
         self.metrics
-            .request(Frontend::Http, status_label(reply.code), started.elapsed());
+            .request(Status::http(reply.code), started.elapsed());
         Ok(())
     }
 }

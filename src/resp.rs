@@ -19,7 +19,7 @@ use may::net::{TcpListener, TcpStream};
 use crate::backend::BackendError;
 use crate::backend::SetReply;
 use crate::clients::{Clients, Permit};
-use crate::metrics::{Frontend, Metrics, Tally};
+use crate::metrics::{Frontend, Metrics, Status, Tally};
 use crate::proxy::Proxy;
 
 mod commands;
@@ -150,7 +150,7 @@ fn connection(mut stream: TcpStream, shared: &RespShared, fd: usize) {
             // counted before the answer goes out, so a client that has read
             // it finds it counted.
             let metrics = &shared.metrics;
-            metrics.request(Frontend::Resp, "error", Duration::ZERO);
+            metrics.request(Status::Error, Duration::ZERO);
             metrics.response_bytes(Frontend::Resp, BUSY_REPLY.len());
             let permit = shared.clients.reject(fd, BUSY_REPLY);
             drain_until_closed(&mut stream);
@@ -259,7 +259,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
             // Every command of the batch is answered by this one write, so
             // they share its latency: one clock read per batch, not per command.
             if !tally.is_empty() {
-                metrics.requests_batch(Frontend::Resp, &mut tally, batch_start.elapsed());
+                metrics.requests_batch(&mut tally, batch_start.elapsed());
             }
             if written.is_err() {
                 return;
@@ -320,12 +320,8 @@ fn hello_reply(out: &mut Out, fd: usize) {
 }
 
 fn info_text(shared: &RespShared) -> String {
-    use std::sync::atomic::Ordering::Relaxed;
     let proxy = &shared.proxy;
-    let m = &shared.metrics;
     let snapshot = proxy.snapshot();
-    let cs = snapshot.cache;
-    let bs = snapshot.backend;
     let mut s = String::with_capacity(1024);
     s.push_str("# Server\r\n");
     s.push_str(&format!("redis_version:{SERVER_VERSION}\r\n"));
@@ -337,38 +333,8 @@ fn info_text(shared: &RespShared) -> String {
         shared.clients.connected(),
         shared.clients.max()
     ));
-    s.push_str("\r\n# Stats\r\n");
-    let rows: [(&str, u64); 14] = [
-        ("cache_hits_total", m.hits.get()),
-        ("cache_misses_total", m.misses.get()),
-        ("cache_coalesced_total", m.coalesced.get()),
-        ("cache_evictions_lru_total", cs.evictions_lru.load(Relaxed)),
-        ("cache_evictions_ttl_total", cs.evictions_ttl.load(Relaxed)),
-        ("cache_entries", snapshot.cache_entries as u64),
-        ("redis_requests_total", bs.requests.load(Relaxed)),
-        (
-            "redis_errors_unavailable_total",
-            bs.errors_unavailable.load(Relaxed),
-        ),
-        (
-            "redis_errors_timeout_total",
-            bs.errors_timeout.load(Relaxed),
-        ),
-        ("redis_errors_reply_total", bs.errors_reply.load(Relaxed)),
-        ("redis_reconnects_total", bs.reconnects.load(Relaxed)),
-        ("clients_rejected_total", m.clients_rejected.load(Relaxed)),
-        ("clients_reaped_total", m.clients_reaped.load(Relaxed)),
-        // Redis's own name for the same figure.
-        ("total_net_output_bytes", m.response_bytes_total()),
-    ];
-    for (k, v) in rows {
-        s.push_str(&format!("{k}:{v}\r\n"));
-    }
-    s.push_str(&format!(
-        "keyspace_hits:{}\r\nkeyspace_misses:{}\r\n",
-        m.hits.get(),
-        m.misses.get()
-    ));
+    s.push_str("\r\n");
+    s.push_str(&shared.metrics.render_info(&snapshot));
     s.push_str("\r\n# Cache\r\n");
     s.push_str(&format!(
         "cache_capacity:{}\r\ncache_keys:{}\r\n",

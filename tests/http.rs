@@ -1,6 +1,6 @@
-//! System tests of the HTTP front end (DESIGN.md section 1, "HTTP", "Cache
-//! semantics" and the configuration rules): the real binary against a real
-//! `redis-server`, each test with its own of both on free loopback ports.
+//! System tests of the HTTP front end (README "HTTP API", "Cache semantics"
+//! and "Configuration"): the real binary against a real `redis-server`, each
+//! test with its own of both on free loopback ports.
 
 mod common;
 

@@ -1,6 +1,6 @@
 //! System tests of the HTTP request-size bounds and connection handling
-//! beyond single requests (DESIGN.md section 1, "HTTP"): the request-head
-//! limit and pipelined keep-alive requests.
+//! beyond single requests (README "HTTP API" and "Limits and what is not
+//! done"): the request-head limit and pipelined keep-alive requests.
 
 mod common;
 
@@ -8,10 +8,10 @@ use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::time::{Duration, Instant};
 
-use common::{poll_until, Http, Proxy, Redis, DEADLINE};
+use common::{metric, poll_until, sample, Http, Proxy, Redis, Response, DEADLINE};
 
 /// Sends a GET whose head carries one `X-Pad` header of `pad` bytes.
-fn get_with_pad(c: &mut Http, path: &str, pad: usize) -> std::io::Result<common::Response> {
+fn get_with_pad(c: &mut Http, path: &str, pad: usize) -> std::io::Result<Response> {
     let mut req = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Pad: ");
     req.push_str(&"p".repeat(pad));
     req.push_str("\r\n\r\n");
@@ -152,48 +152,13 @@ fn pipelined_requests_answer_in_order() {
     }
 }
 
-/// Reads one response from `s` (after what `buf` already holds) without
-/// interpreting more than the head's Content-Length; returns its status, its
-/// body and the bytes it took on the wire.
-fn read_raw(s: &mut TcpStream, buf: &mut Vec<u8>, head_only: bool) -> (u16, Vec<u8>, usize) {
-    let mut chunk = vec![0u8; 64 * 1024];
-    let head_len = loop {
-        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
-            break i + 4;
-        }
-        let n = s.read(&mut chunk).expect("read a response head");
-        assert!(
-            n > 0,
-            "closed before a full head: {:?}",
-            String::from_utf8_lossy(buf)
-        );
-        buf.extend_from_slice(&chunk[..n]);
-    };
-    let head = String::from_utf8_lossy(&buf[..head_len]).to_string();
-    let status = head[9..12].parse().expect("status code");
-    let length: usize = head
-        .lines()
-        .find_map(|l| l.strip_prefix("Content-Length: "))
-        .and_then(|v| v.trim().parse().ok())
-        .expect("Content-Length");
-    let body_len = if head_only { 0 } else { length };
-    while buf.len() < head_len + body_len {
-        let n = s.read(&mut chunk).expect("read a response body");
-        assert!(n > 0, "closed inside a body");
-        buf.extend_from_slice(&chunk[..n]);
-    }
-    let body = buf[head_len..head_len + body_len].to_vec();
-    buf.drain(..head_len + body_len);
-    (status, body, head_len + body_len)
-}
-
-/// `redis_proxy_response_bytes_total{frontend="http"}` as a metrics body says.
-fn http_response_bytes(metrics_body: &[u8]) -> u64 {
-    String::from_utf8_lossy(metrics_body)
-        .lines()
-        .find_map(|l| l.strip_prefix("redis_proxy_response_bytes_total{frontend=\"http\"} "))
-        .and_then(|v| v.parse().ok())
-        .expect("the http response-bytes sample")
+/// `redis_proxy_response_bytes_total{frontend="http"}` as a metrics reply says.
+fn http_response_bytes(metrics: &Response) -> u64 {
+    sample(
+        &metrics.text(),
+        "redis_proxy_response_bytes_total{frontend=\"http\"}",
+    )
+    .expect("the http response-bytes sample")
 }
 
 /// The proxy's count of reply bytes equals, to the byte, what a client reads
@@ -206,76 +171,46 @@ fn response_bytes_are_counted_exactly() {
     redis.set("k", "v".repeat(100));
     redis.set("mid", vec![b'm'; 70_000]);
     let proxy = Proxy::start(&redis, &[]);
-    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let mut buf = Vec::new();
-    let mut exchange = |s: &mut TcpStream, method: &str, target: &str, extra: &str| {
-        let req = format!("{method} {target} HTTP/1.1\r\nHost: x\r\n{extra}\r\n");
-        s.write_all(req.as_bytes()).expect("send");
-        read_raw(s, &mut buf, method == "HEAD")
+    let exchange = |c: &mut Http, method: &str, target: &str, headers: &[(&str, &str)]| {
+        c.request(method, target, headers)
+            .unwrap_or_else(|e| panic!("{method} {target}: {e}"))
     };
-    let (status, first, mut wire) = exchange(&mut s, "GET", "/-/metrics", "");
-    assert_eq!(status, 200);
+    let mut c = proxy.http();
+    let first = exchange(&mut c, "GET", "/-/metrics", &[]);
+    assert_eq!(first.status, 200);
     let before = http_response_bytes(&first);
-    let cases: [(&str, &str, &str, u16); 10] = [
-        ("GET", "/k", "", 200),             // miss
-        ("GET", "/k", "", 200),             // hit
-        ("GET", "/k?format=json", "", 200), // JSON body
-        ("GET", "/mid", "", 200),           // 5-digit length
-        ("HEAD", "/k", "", 200),            // no body
-        ("GET", "/nokey", "", 404),         // error reply
-        ("POST", "/k", "", 405),            // method not allowed
-        ("GET", "/a%zzb", "", 400),         // bad escape
-        ("GET", "/-/healthy", "", 200),     // operations endpoint
-        ("GET", "/k", "Accept: application/json\r\n", 200),
+    let mut wire = first.wire;
+    type Headers = &'static [(&'static str, &'static str)];
+    let json: Headers = &[("Accept", "application/json")];
+    let cases: [(&str, &str, Headers, u16); 10] = [
+        ("GET", "/k", &[], 200),             // miss
+        ("GET", "/k", &[], 200),             // hit
+        ("GET", "/k?format=json", &[], 200), // JSON body
+        ("GET", "/mid", &[], 200),           // 5-digit length
+        ("HEAD", "/k", &[], 200),            // no body
+        ("GET", "/nokey", &[], 404),         // error reply
+        ("POST", "/k", &[], 405),            // method not allowed
+        ("GET", "/a%zzb", &[], 400),         // bad escape
+        ("GET", "/-/healthy", &[], 200),     // operations endpoint
+        ("GET", "/k", json, 200),
     ];
-    for (method, target, extra, want) in cases {
-        let (status, _, n) = exchange(&mut s, method, target, extra);
-        assert_eq!(status, want, "{method} {target}");
-        wire += n;
+    for (method, target, headers, want) in cases {
+        let r = exchange(&mut c, method, target, headers);
+        assert_eq!(r.status, want, "{method} {target}");
+        wire += r.wire;
     }
     // Last on this connection: a reply that carries `Connection: close`.
-    let (status, _, n) = exchange(&mut s, "GET", "/k", "Connection: close\r\n");
-    assert_eq!(status, 200);
-    wire += n;
-    let mut rest = Vec::new();
-    s.read_to_end(&mut rest)
+    let r = exchange(&mut c, "GET", "/k", &[("Connection", "close")]);
+    assert_eq!(r.status, 200);
+    wire += r.wire;
+    let rest = c
+        .wait_closed(DEADLINE)
         .expect("the proxy closes after that reply");
     assert!(rest.is_empty(), "{rest:?}");
-    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    let (_, last, _) = exchange(&mut s, "GET", "/-/metrics", "");
+    let last = exchange(&mut proxy.http(), "GET", "/-/metrics", &[]);
     // The first scrape's own reply is counted after it was rendered, the
     // last one's is not yet: between them lie exactly the bytes read above.
     assert_eq!(http_response_bytes(&last) - before, wire as u64);
-}
-
-/// Reads a whole response to `GET` off `s` at about 12 MB/s (256 KiB, then
-/// a 20 ms pause); returns its body.
-fn read_slowly(s: &mut TcpStream) -> Vec<u8> {
-    let mut got = Vec::new();
-    let mut chunk = vec![0u8; 256 * 1024];
-    let started = Instant::now();
-    loop {
-        if let Some(end) = got.windows(4).position(|w| w == b"\r\n\r\n") {
-            let head = String::from_utf8_lossy(&got[..end]).to_string();
-            let length: usize = head
-                .lines()
-                .find_map(|l| l.strip_prefix("Content-Length: "))
-                .and_then(|v| v.trim().parse().ok())
-                .expect("Content-Length");
-            if got.len() >= end + 4 + length {
-                return got[end + 4..end + 4 + length].to_vec();
-            }
-        }
-        match s.read(&mut chunk) {
-            Ok(0) => panic!("closed after {} bytes", got.len()),
-            Ok(n) => got.extend_from_slice(&chunk[..n]),
-            Err(e) => panic!("slow reader: {e} after {} bytes", got.len()),
-        }
-        std::thread::sleep(Duration::from_millis(20));
-        assert!(started.elapsed() < 3 * DEADLINE, "slow reader stuck");
-    }
 }
 
 /// A 40 MiB value reaches a fast reader whole, and a reader that takes it
@@ -301,22 +236,18 @@ fn large_value_reaches_fast_and_slow_readers_whole() {
         value.len()
     );
 
-    let mut slow = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
-    slow.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    slow.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("send");
-    let body = read_slowly(&mut slow);
+    // About 12 MB/s: 256 KiB, then a 20 ms pause.
+    let mut slow = proxy.http();
+    slow.pace(256 * 1024, Duration::from_millis(20));
+    let body = slow.get("/big").body;
     assert!(
         body == value,
         "slow reader: {} of {} body bytes",
         body.len(),
         value.len()
     );
-    let mut buf = Vec::new();
-    slow.write_all(b"GET /k HTTP/1.1\r\nHost: x\r\n\r\n")
-        .expect("send");
-    let (status, body, _) = read_raw(&mut slow, &mut buf, false);
-    assert_eq!((status, body.as_slice()), (200, &b"v"[..]));
+    let r = slow.get("/k");
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"v"[..]));
 }
 
 /// 800 pipelined GETs of a 32 KiB value sent in one write (25 MiB of
@@ -329,17 +260,16 @@ fn pipelined_batch_over_16_mib_reaches_a_reading_client() {
     redis.set("v", &value);
     let proxy = Proxy::start(&redis, &[]);
     assert_eq!(proxy.get("/v").body, value, "warm the cache");
-    let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
-    s.set_read_timeout(Some(DEADLINE)).expect("timeout");
-    s.write_all(&b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n".repeat(800))
+    let mut c = proxy.http();
+    c.send(&b"GET /v HTTP/1.1\r\nHost: x\r\n\r\n".repeat(800))
         .expect("send the batch");
-    let mut buf = Vec::new();
     for i in 0..800 {
-        let (status, body, _) = read_raw(&mut s, &mut buf, false);
+        let r = c.read_response(false).expect("a pipelined reply");
         assert!(
-            status == 200 && body == value,
-            "reply {i}: {status}, {} bytes",
-            body.len()
+            r.status == 200 && r.body == value,
+            "reply {i}: {}, {} bytes",
+            r.status,
+            r.body.len()
         );
     }
 }
@@ -351,13 +281,7 @@ fn stalled_reader_of_a_large_value_is_closed() {
     let redis = Redis::start();
     redis.set("big", vec![b'b'; 40 << 20]);
     let proxy = Proxy::start(&redis, &[("PROXY_IDLE_TIMEOUT_MS", "300")]);
-    let reaped = || {
-        let text = proxy.get("/-/metrics").text();
-        text.lines()
-            .find_map(|l| l.strip_prefix("redis_proxy_clients_reaped_total "))
-            .and_then(|v| v.parse::<u64>().ok())
-            .expect("the reaped counter")
-    };
+    let reaped = || metric(&proxy, "redis_proxy_clients_reaped_total");
     let before = reaped();
     let mut s = TcpStream::connect(("127.0.0.1", proxy.port())).expect("connect");
     s.write_all(b"GET /big HTTP/1.1\r\nHost: x\r\n\r\n")

@@ -1,6 +1,6 @@
-//! System tests of the Redis-protocol front end (DESIGN.md section 1,
-//! "Redis protocol (RESP2)" and "Cache semantics"): the real binary against a
-//! real `redis-server`, each test with its own of both on free loopback ports.
+//! System tests of the Redis-protocol front end (README "Redis protocol
+//! (RESP2)" and "Cache semantics"): the real binary against a real
+//! `redis-server`, each test with its own of both on free loopback ports.
 //!
 //! Clients are the ones users run: the `redis` crate, `redis-cli` and
 //! `redis-benchmark`; byte-exact replies, inline commands and broken input go
@@ -687,6 +687,46 @@ fn info_stats_counters_move() {
         info_u64(&after_hits, "total_net_output_bytes")
             - info_u64(&after_miss, "total_net_output_bytes"),
         (info_wire + 2 * 7) as u64
+    );
+}
+
+/// INFO's `# Stats` shows every counter `/-/metrics` shows, under the same
+/// name without the `redis_proxy_` prefix: tracking and request counters
+/// included, labelled series as `values=n` lists.
+#[test]
+fn info_stats_show_every_metrics_counter() {
+    let redis = Redis::start();
+    redis.set("k", "v");
+    let (proxy, port) = start(&redis, &[("CACHE_INVALIDATION", "tracking")]);
+    let mut con = connect(port);
+    get(&mut con, "k");
+    assert_eq!(get(&mut con, "absent"), None);
+    let info = proxy_info(&mut con);
+    let metrics = proxy.get("/-/metrics").text();
+    let families: Vec<&str> = metrics
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE redis_proxy_"))
+        .filter_map(|l| l.split(' ').next())
+        .collect();
+    for name in [
+        "invalidations_total",
+        "requests_total",
+        "cache_read_buffer_drops_total",
+    ] {
+        assert!(families.contains(&name), "{name} in /-/metrics:\n{metrics}");
+    }
+    for name in &families {
+        assert!(
+            info_field(&info, name).is_some(),
+            "{name} is in /-/metrics but not in INFO:\n{info}"
+        );
+    }
+    let requests = info_field(&info, "requests_total").expect("requests_total");
+    assert!(requests.contains("resp_nil=1"), "{requests}");
+    assert!(requests.contains("http_200="), "{requests}");
+    assert_eq!(
+        info_field(&info, "cache_evictions_total").as_deref(),
+        Some("lru=0,ttl=0")
     );
 }
 

@@ -1,7 +1,6 @@
-//! System tests of the coherent mode and of writes (DESIGN.md section 1,
-//! "Coherence mode and writes", and README "Coherent mode"): the real binary
-//! against a real `redis-server`, each test with its own of both on free
-//! loopback ports.
+//! System tests of the coherent mode and of writes (README "Coherent mode"
+//! and "Writes"): the real binary against a real `redis-server`, each test
+//! with its own of both on free loopback ports.
 //!
 //! Every test that relies on an invalidation uses a TTL far longer than the
 //! test, so only an invalidation (never expiry) can make a cached value
@@ -16,7 +15,7 @@ use std::net::TcpStream;
 use std::thread;
 use std::time::Instant;
 
-use common::{poll_until, Http, Proxy, Redis, Response, DEADLINE};
+use common::{metric, poll_until, Http, Proxy, Redis, Response, DEADLINE};
 
 /// A TTL long enough that nothing expires during a test.
 const LONG_TTL: &str = "600000";
@@ -32,24 +31,6 @@ const WRITES: &[(&str, &str)] = &[("PROXY_ALLOW_WRITES", "1"), ("CACHE_TTL_MS", 
 
 // ---------------------------------------------------------------------------
 // Helpers local to this file
-
-/// The value of the unlabelled sample `name` in `GET /-/metrics`; panics
-/// (showing the exposition) if it is missing.
-#[track_caller]
-fn metric(proxy: &Proxy, name: &str) -> u64 {
-    let r = proxy.get("/-/metrics");
-    assert_eq!(r.status, 200, "{r:?}");
-    let text = r.text();
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find_map(|l| {
-            let mut parts = l.split_whitespace();
-            (parts.next() == Some(name)).then(|| parts.next()).flatten()
-        })
-        .and_then(|v| v.parse::<f64>().ok())
-        .map(|v| v as u64)
-        .unwrap_or_else(|| panic!("no sample {name} in /-/metrics:\n{text}"))
-}
 
 /// Sends `method target` with `body` (and its Content-Length) on `c`.
 fn request_with_body(c: &mut Http, method: &str, target: &str, body: &[u8]) -> Response {

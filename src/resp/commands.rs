@@ -11,7 +11,7 @@ use std::borrow::Cow;
 use std::ops::Range;
 
 use super::{backend_error_line, hello_reply, info_text, Next, Out, RespShared, Session};
-use crate::metrics::Tally;
+use crate::metrics::{Status, Tally};
 
 /// How a served command ended (its reply already written).
 pub(super) enum Done {
@@ -179,12 +179,12 @@ pub(super) fn execute<'b>(
         }
     };
     let (status, next) = match outcome {
-        Ok(Done::Ok) => ("ok", Next::Continue),
-        Ok(Done::Nil) => ("nil", Next::Continue),
-        Ok(Done::Close) => ("ok", Next::Close),
+        Ok(Done::Ok) => (Status::Ok, Next::Continue),
+        Ok(Done::Nil) => (Status::Nil, Next::Continue),
+        Ok(Done::Close) => (Status::Ok, Next::Close),
         Err(Refused(line)) => {
             call.out.error(&line);
-            ("error", Next::Continue)
+            (Status::Error, Next::Continue)
         }
     };
     tally.add(status);

@@ -1,6 +1,8 @@
 //! Shared helpers for the system tests: a real `redis-server` and the real
 //! `redis-proxy` binary, each on a free loopback port and killed on drop, and
-//! a small raw HTTP/1.1 client that shows exact statuses, headers and bytes.
+//! a small raw HTTP/1.1 client that shows exact statuses, headers and bytes
+//! (and tells a whole response from a cut or garbled one), and the one
+//! reader of `/-/metrics` samples.
 //!
 //! Nothing here mocks anything. Anything that waits polls with a deadline
 //! ([`DEADLINE`]) and then fails; no helper asserts on how long something took.
@@ -157,21 +159,31 @@ impl Drain {
 pub struct Redis {
     port: u16,
     child: Option<Child>,
+    /// Extra command-line arguments, kept for [`Redis::restart_same_port`].
+    args: Vec<String>,
 }
 
 impl Redis {
     /// Starts a redis-server and waits until it answers PING.
     pub fn start() -> Redis {
+        Redis::start_with(&[])
+    }
+
+    /// [`Redis::start`] with extra redis-server arguments, e.g.
+    /// `["--enable-debug-command", "local"]` for `DEBUG SLEEP`.
+    pub fn start_with(args: &[&str]) -> Redis {
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let mut last = String::new();
         // A port picked by `free_port` can still be taken by someone else
         // before redis binds it: try a few.
         for _ in 0..3 {
             let port = free_port();
-            match Self::spawn(port) {
+            match Self::spawn(port, &args) {
                 Ok(child) => {
                     return Redis {
                         port,
                         child: Some(child),
+                        args,
                     }
                 }
                 Err(e) => last = e,
@@ -180,13 +192,14 @@ impl Redis {
         panic!("cannot start redis-server: {last}");
     }
 
-    fn spawn(port: u16) -> Result<Child, String> {
+    fn spawn(port: u16, args: &[String]) -> Result<Child, String> {
         let mut child = Command::new("redis-server")
             .args(["--port", &port.to_string()])
             .args(["--bind", "127.0.0.1"])
             .args(["--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -272,6 +285,18 @@ impl Redis {
         self.child.is_some()
     }
 
+    /// Sends signal `sig` to the server, e.g. `SIGSTOP` to stall it and
+    /// `SIGCONT` to resume it (a stalled server is still killed on drop).
+    pub fn signal(&self, sig: libc::c_int) {
+        let child = self.child.as_ref().expect("redis-server is running");
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: kill(2) has no memory effects. The pid is still our
+        // child's: only `stop` and `drop` reap it, and they take `child`
+        // out first, so a pid we hold cannot have been reused.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill(redis-server {pid}, {sig})");
+    }
+
     /// Kills the server and waits until its port refuses connections.
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
@@ -289,7 +314,7 @@ impl Redis {
     /// Starts a new, empty server on the same port (after [`Redis::stop`]).
     pub fn restart_same_port(&mut self) {
         self.stop();
-        let child = Self::spawn(self.port)
+        let child = Self::spawn(self.port, &self.args)
             .unwrap_or_else(|e| panic!("restart redis-server on the same port: {e}"));
         self.child = Some(child);
     }
@@ -413,6 +438,95 @@ impl Proxy {
     pub fn is_running(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// Sends signal `sig` (e.g. `SIGTERM`) to the running process.
+    pub fn signal(&mut self, sig: libc::c_int) {
+        assert!(
+            self.is_running(),
+            "redis-proxy exited before signal {sig}; stderr:\n{}",
+            self.logs()
+        );
+        let pid = self.pid() as libc::pid_t;
+        // SAFETY: kill(2) has no memory effects. `try_wait` just found the
+        // child running, so it is unreaped and the pid is still its own.
+        let rc = unsafe { libc::kill(pid, sig) };
+        assert_eq!(rc, 0, "kill(redis-proxy {pid}, {sig})");
+    }
+
+    /// Waits up to `deadline` for the process to exit; its status, or
+    /// `None` if it is still running.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<ExitStatus> {
+        let end = Instant::now() + deadline;
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                return Some(status);
+            }
+            if Instant::now() >= end {
+                return None;
+            }
+            thread::sleep(POLL);
+        }
+    }
+
+    /// `VmRSS` and `VmHWM` from /proc, in KiB.
+    pub fn memory_kib(&self) -> (u64, u64) {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()))
+            .expect("read /proc/PID/status");
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().next())
+                .and_then(|v| v.parse().ok())
+                .unwrap_or_else(|| panic!("{name} in /proc/PID/status"))
+        };
+        (field("VmRSS:"), field("VmHWM:"))
+    }
+
+    /// The process is still running and serves `/-/healthy` on a new connection.
+    #[track_caller]
+    pub fn assert_alive(&mut self) {
+        assert!(
+            self.is_running(),
+            "the proxy exited; stderr:\n{}",
+            self.logs()
+        );
+        let r = self.get("/-/healthy");
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+
+    /// [`Proxy::assert_alive`], and `GET /key` on a new connection answers
+    /// 200 with `value`.
+    #[track_caller]
+    pub fn assert_serves(&mut self, key: &str, value: &[u8]) {
+        self.assert_alive();
+        let r = self.get(&format!("/{key}"));
+        assert_eq!((r.status, r.body.as_slice()), (200, value), "{r:?}");
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Metrics
+
+/// The value of one sample in a Prometheus text: `series` is the whole name
+/// with its labels as rendered, e.g. `redis_proxy_clients_reaped_total` or
+/// `redis_proxy_response_bytes_total{frontend="http"}`.
+pub fn sample(text: &str, series: &str) -> Option<u64> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .map(|v| v as u64)
+}
+
+/// The value of one sample of `GET /-/metrics` (see [`sample`]); panics,
+/// showing the exposition, if it is missing.
+#[track_caller]
+pub fn metric(proxy: &Proxy, series: &str) -> u64 {
+    let r = proxy.get("/-/metrics");
+    assert_eq!(r.status, 200, "{r:?}");
+    let text = r.text();
+    sample(&text, series).unwrap_or_else(|| panic!("no sample {series} in /-/metrics:\n{text}"))
 }
 
 impl Drop for Proxy {
@@ -565,6 +679,8 @@ pub struct Response {
     pub status: u16,
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+    /// Bytes it took on the wire, head included.
+    pub wire: usize,
 }
 
 impl Response {
@@ -626,12 +742,83 @@ impl std::fmt::Debug for Response {
     }
 }
 
+/// Parses one whole response at the start of `buf`, strictly: an
+/// `HTTP/1.1 NNN` status line, `name: value` headers and, unless `head`
+/// (the request was HEAD) or the status has no body, a Content-Length that
+/// the body fills. `Ok(None)` while it is still incomplete; otherwise the
+/// response and the bytes it used ([`Response::wire`]).
+pub fn parse_response(buf: &[u8], head: bool) -> Result<Option<Response>, String> {
+    let Some(head_end) = find(buf, b"\r\n\r\n") else {
+        if buf.len() > 256 * 1024 {
+            return Err("no end of response head in 256 KiB".into());
+        }
+        return Ok(None);
+    };
+    let text = std::str::from_utf8(&buf[..head_end]).map_err(|_| "head is not text")?;
+    let mut lines = text.split("\r\n");
+    let status_line = lines.next().unwrap_or_default();
+    let status = status_line
+        .strip_prefix("HTTP/1.1 ")
+        .filter(|rest| rest.len() == 3 || rest.as_bytes().get(3) == Some(&b' '))
+        .and_then(|rest| rest.get(..3))
+        .and_then(|code| code.parse::<u16>().ok())
+        .ok_or_else(|| format!("bad status line {status_line:?}"))?;
+    let mut headers = Vec::new();
+    for line in lines {
+        let (name, value) = line
+            .split_once(':')
+            .ok_or_else(|| format!("bad header line {line:?}"))?;
+        headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+    let length = headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
+        .map(|(_, v)| {
+            v.parse::<usize>()
+                .map_err(|_| format!("bad Content-Length {v:?}"))
+        })
+        .transpose()?;
+    let no_body = head || status == 204 || status == 304 || (100..200).contains(&status);
+    let body_len = match (no_body, length) {
+        (true, _) => 0,
+        (false, Some(n)) => n,
+        (false, None) => return Err(format!("response without Content-Length: {text:?}")),
+    };
+    let wire = head_end + 4 + body_len;
+    if buf.len() < wire {
+        return Ok(None);
+    }
+    Ok(Some(Response {
+        status,
+        headers,
+        body: buf[head_end + 4..wire].to_vec(),
+        wire,
+    }))
+}
+
+/// What one request on a raw connection came to ([`Http::exchange`]).
+#[derive(Debug)]
+pub enum Outcome {
+    /// One whole, well-formed response, and nothing after it.
+    Complete(Response),
+    /// Refused, reset or closed before any byte of a response.
+    Closed(String),
+    /// Part of a response, bytes that are not HTTP, or bytes beyond one response.
+    Broken(String),
+    /// No answer within the connection's read timeout.
+    Silent,
+}
+
 /// One client connection speaking raw HTTP/1.1 (keep-alive by default).
-/// Reads give up after [`DEADLINE`], so a hung proxy fails the test.
+/// Reads give up after [`DEADLINE`] (or the timeout given to
+/// [`Http::try_connect_with`]), so a hung proxy fails the test.
 pub struct Http {
     stream: TcpStream,
     /// Bytes read but not yet consumed by a response.
     buf: Vec<u8>,
+    /// Slow reading ([`Http::pace`]): at most this many bytes per read,
+    /// then this pause.
+    pace: Option<(usize, Duration)>,
 }
 
 impl Http {
@@ -642,14 +829,45 @@ impl Http {
 
     /// Connects to `port`.
     pub fn try_connect(port: u16) -> io::Result<Http> {
+        Http::try_connect_with(port, DEADLINE)
+    }
+
+    /// Connects to `port`; reads give up after `read_timeout`.
+    pub fn try_connect_with(port: u16, read_timeout: Duration) -> io::Result<Http> {
         let stream = TcpStream::connect(("127.0.0.1", port))?;
-        stream.set_read_timeout(Some(DEADLINE))?;
+        stream.set_read_timeout(Some(read_timeout))?;
         stream.set_write_timeout(Some(DEADLINE))?;
         stream.set_nodelay(true)?;
         Ok(Http {
             stream,
             buf: Vec::new(),
+            pace: None,
         })
+    }
+
+    /// From now on reads take at most `chunk` bytes, each followed by
+    /// `pause`: a client that takes large replies in slowly.
+    pub fn pace(&mut self, chunk: usize, pause: Duration) {
+        self.pace = Some((chunk, pause));
+    }
+
+    /// Fixes the socket's receive buffer (no autotuning): large replies
+    /// then arrive in many pieces, as to a slow client.
+    pub fn set_recv_buffer(&self, bytes: usize) {
+        use std::os::fd::AsRawFd;
+        let size = bytes as libc::c_int;
+        // SAFETY: the fd is our open socket (`self.stream` owns it), and
+        // the option value is a live c_int whose size is passed with it.
+        let rc = unsafe {
+            libc::setsockopt(
+                self.stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVBUF,
+                (&size as *const libc::c_int).cast(),
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        assert_eq!(rc, 0, "setsockopt SO_RCVBUF");
     }
 
     /// Writes raw bytes.
@@ -704,75 +922,85 @@ impl Http {
     }
 
     fn fill(&mut self) -> io::Result<usize> {
-        let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk)?;
-        self.buf.extend_from_slice(&chunk[..n]);
-        Ok(n)
+        let want = self.pace.map_or(16 * 1024, |(n, _)| n);
+        let old = self.buf.len();
+        self.buf.resize(old + want, 0);
+        let got = self.stream.read(&mut self.buf[old..]);
+        self.buf.truncate(old + *got.as_ref().unwrap_or(&0));
+        if let Some((_, pause)) = self.pace {
+            thread::sleep(pause);
+        }
+        got
     }
 
     /// Reads one response. `head`: the request was HEAD, so there is no body.
     pub fn read_response(&mut self, head: bool) -> io::Result<Response> {
-        let head_end = loop {
-            if let Some(i) = find(&self.buf, b"\r\n\r\n") {
-                break i;
+        loop {
+            match parse_response(&self.buf, head) {
+                Ok(Some(r)) => {
+                    self.buf.drain(..r.wire);
+                    return Ok(r);
+                }
+                Ok(None) => {}
+                Err(why) => return Err(io::Error::new(io::ErrorKind::InvalidData, why)),
             }
             if self.fill()? == 0 {
                 return Err(io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     format!(
-                        "connection closed before a full response head; got {:?}",
-                        String::from_utf8_lossy(&self.buf)
+                        "connection closed before a whole response; got {}",
+                        preview(&self.buf)
                     ),
                 ));
             }
-        };
-        let head_text = String::from_utf8_lossy(&self.buf[..head_end]).into_owned();
-        let mut lines = head_text.split("\r\n");
-        let status_line = lines.next().unwrap_or_default();
-        let bad =
-            |why: &str| io::Error::new(io::ErrorKind::InvalidData, format!("{why}: {head_text:?}"));
-        let mut parts = status_line.splitn(3, ' ');
-        if !parts.next().is_some_and(|v| v.starts_with("HTTP/1.")) {
-            return Err(bad("not an HTTP/1.x status line"));
         }
-        let status: u16 = parts
-            .next()
-            .and_then(|s| s.parse().ok())
-            .ok_or_else(|| bad("bad status code"))?;
-        let mut headers = Vec::new();
-        for line in lines {
-            let (name, value) = line.split_once(':').ok_or_else(|| bad("bad header line"))?;
-            headers.push((name.trim().to_string(), value.trim().to_string()));
+    }
+
+    /// Sends `request` and judges what comes back, strictly: exactly one
+    /// whole response, or a close before any byte of one, or silence.
+    pub fn exchange(&mut self, request: &[u8]) -> Outcome {
+        if let Err(e) = self.send(request) {
+            return Outcome::Closed(format!("write: {e}"));
         }
-        self.buf.drain(..head_end + 4);
-        let length = headers
-            .iter()
-            .find(|(n, _)| n.eq_ignore_ascii_case("content-length"))
-            .map(|(_, v)| v.parse::<usize>())
-            .transpose()
-            .map_err(|_| bad("bad Content-Length"))?;
-        let body = if head || status == 204 || status == 304 || (100..200).contains(&status) {
-            Vec::new()
-        } else if let Some(length) = length {
-            while self.buf.len() < length {
-                if self.fill()? == 0 {
-                    return Err(io::Error::new(
-                        io::ErrorKind::UnexpectedEof,
-                        "connection closed inside a response body",
-                    ));
+        loop {
+            match parse_response(&self.buf, false) {
+                Ok(Some(r)) if r.wire == self.buf.len() => {
+                    self.buf.clear();
+                    return Outcome::Complete(r);
                 }
+                Ok(Some(r)) => {
+                    return Outcome::Broken(format!(
+                        "{} bytes after the response: {}",
+                        self.buf.len() - r.wire,
+                        preview(&self.buf[r.wire..])
+                    ))
+                }
+                Ok(None) => {}
+                Err(why) => return Outcome::Broken(format!("{why}: {}", preview(&self.buf))),
             }
-            self.buf.drain(..length).collect()
-        } else {
-            // No length: the body runs to the end of the connection.
-            while self.fill()? > 0 {}
-            std::mem::take(&mut self.buf)
-        };
-        Ok(Response {
-            status,
-            headers,
-            body,
-        })
+            let ended = match self.fill() {
+                Ok(0) => "EOF".to_string(),
+                Ok(_) => continue,
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut
+                    ) =>
+                {
+                    return Outcome::Silent
+                }
+                Err(e) => e.to_string(),
+            };
+            return if self.buf.is_empty() {
+                Outcome::Closed(ended)
+            } else {
+                Outcome::Broken(format!(
+                    "{ended} after {} bytes: {}",
+                    self.buf.len(),
+                    preview(&self.buf)
+                ))
+            };
+        }
     }
 
     /// Waits up to `deadline` for the server to close the connection (EOF or
@@ -812,6 +1040,14 @@ impl Http {
     pub fn shutdown_write(&self) {
         let _ = self.stream.shutdown(Shutdown::Write);
     }
+}
+
+/// The start of `bytes` as text, for failure messages.
+pub fn preview(bytes: &[u8]) -> String {
+    format!(
+        "{:?}",
+        String::from_utf8_lossy(&bytes[..bytes.len().min(300)])
+    )
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
