@@ -16,7 +16,7 @@
 //! - [`resp`]: the Redis-protocol (RESP2) front end: parser, command subset, accept loop.
 //! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
 //! - [`tracking`]: the opt-in invalidation listener: Redis CLIENT TRACKING messages become [`coherence`] events.
-//! - [`metrics`]: counters and the Prometheus exposition.
+//! - [`metrics`]: one table of counters, rendered into the Prometheus text and RESP `INFO`; the request `Status` enum.
 //! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
 //!
 //! Layers point one way: front ends -> `proxy` -> {`cache`, `coherence`,
