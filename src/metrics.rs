@@ -133,6 +133,9 @@ pub struct Metrics {
     pub clients_rejected: AtomicU64,
     /// Connections closed for idling or for an oversize request.
     pub clients_reaped: AtomicU64,
+    /// Connections closed because all clients together held more than
+    /// `PROXY_MAX_BUFFER_BYTES` and they held the most.
+    pub clients_evicted: AtomicU64,
     /// Invalidation messages received (tracking mode).
     pub invalidations: AtomicU64,
     /// Keys removed by invalidation messages.
@@ -274,6 +277,12 @@ impl Metrics {
             "Client connections closed for idling or an oversize request.",
             "counter",
             &[("", c(&self.clients_reaped))],
+        );
+        counter(
+            "clients_evicted_total",
+            "Client connections closed for holding the most buffer bytes over PROXY_MAX_BUFFER_BYTES.",
+            "counter",
+            &[("", c(&self.clients_evicted))],
         );
         let mut rows = Vec::new();
         let labels: Vec<String> = FRONTENDS

@@ -13,10 +13,11 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
-use may::net::{TcpListener, TcpStream};
+use may::net::TcpStream;
 
 use crate::backend::BackendError;
 use crate::clients::{Clients, Permit};
+use crate::listener;
 use crate::metrics::{Frontend, Tally};
 use crate::proxy::Proxy;
 
@@ -257,38 +258,24 @@ pub struct RespShared {
 
 /// Binds `addr` and serves RESP on it; returns the accept coroutine.
 pub fn start(shared: Arc<RespShared>, addr: SocketAddr) -> io::Result<JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)?;
-    let handle = may::go!(
-        may::coroutine::Builder::new().name("resp-accept".into()),
-        move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        log::debug!("resp accept failed: {e}");
-                        continue;
-                    }
-                };
-                let fd = stream.as_raw_fd() as usize;
-                let shared = shared.clone();
-                let builder = may::coroutine::Builder::new().id(fd);
-                let spawned = may::go!(builder, move || {
-                    match shared.clients.admit(fd, shared.max_request) {
-                        Some(permit) => serve(stream, permit, &shared, fd),
-                        None => {
-                            let guard = shared.clients.reject(fd, BUSY_REPLY);
-                            drain_until_closed(stream);
-                            drop(guard);
-                        }
-                    }
-                });
-                if let Err(e) = spawned {
-                    log::warn!("cannot spawn resp connection: {e}");
+    listener::start("resp-accept", addr, move |stream| {
+        let fd = stream.as_raw_fd() as usize;
+        let shared = shared.clone();
+        let builder = may::coroutine::Builder::new().id(fd);
+        let spawned = may::go!(builder, move || {
+            match shared.clients.admit(fd) {
+                Some(permit) => serve(stream, permit, &shared, fd),
+                None => {
+                    let guard = shared.clients.reject(fd, BUSY_REPLY);
+                    drain_until_closed(stream);
+                    drop(guard);
                 }
             }
+        });
+        if let Err(e) = spawned {
+            log::warn!("cannot spawn resp connection: {e}");
         }
-    )?;
-    Ok(handle)
+    })
 }
 
 /// Reads and discards until the peer closes (or the reaper cuts us), so a

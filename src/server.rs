@@ -9,13 +9,13 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
-use may_minihttp::HttpServiceFactory;
 
 use crate::backend::{Backend, BackendOptions, LinkHook};
 use crate::cache::{Cache, SystemClock};
 use crate::clients::Clients;
 use crate::config::{Config, Invalidation};
-use crate::http::HttpFactory;
+use crate::http::{self, HttpShared};
+use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::resp::{self, RespShared};
@@ -79,17 +79,28 @@ pub fn start(config: &Config) -> io::Result<Server> {
         tracking.attach(&proxy);
         tracking.spawn();
     }
-    let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics);
+    let (max_clients, warning) = config.clients_fitting(listener::raise_fd_limit());
+    if let Some(warning) = warning {
+        log::warn!("{warning}");
+    }
+    let clients = Clients::new(
+        max_clients,
+        config.idle_timeout(),
+        config.max_buffer_bytes,
+        metrics,
+    );
     clients.spawn_reaper();
 
     let http_addr = resolve(&config.host, config.port)?;
-    let http = HttpFactory {
-        proxy: proxy.clone(),
-        clients: clients.clone(),
-        allow_writes: config.allow_writes,
-        max_body: config.resp_max_request_bytes,
-    }
-    .start(http_addr)?;
+    let http = http::start(
+        Arc::new(HttpShared {
+            proxy: proxy.clone(),
+            clients: clients.clone(),
+            allow_writes: config.allow_writes,
+            max_body: config.resp_max_request_bytes,
+        }),
+        http_addr,
+    )?;
     let mut listeners = vec![http];
     let mut resp_addr = None;
     if let Some(port) = config.resp_port {
@@ -150,8 +161,7 @@ impl Server {
         }
         self.clients.start_draining();
         // Wait for requests in progress and for replies still on their way
-        // (may_minihttp drops the unwritten part of a reply once reading
-        // ends); three quiet checks in a row, since a woken connection writes
+        // ; three quiet checks in a row, since a woken connection writes
         // its next chunk a moment after the queue drains. Requests arriving
         // now are refused with a short 503 (see `http`).
         let deadline = Instant::now() + grace;
