@@ -232,9 +232,10 @@ impl Conn<'_> {
         let shared = self.shared;
         let _in_flight = self.permit.begin(batch_start);
         let head_only = head.method == Method::Head;
-        if self.permit.draining() {
+        if self.permit.draining() && head.target != b"/-/metrics" {
             // Arrived after the drain began: a short refusal, so no long
-            // reply is cut when reading ends.
+            // reply is cut when reading ends (a scrape is still answered:
+            // it is short, and shows the drain).
             let reply = Reply::busy("shutting down");
             emit(
                 &mut self.out,
