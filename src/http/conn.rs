@@ -324,8 +324,17 @@ impl Conn<'_> {
             return false;
         }
         // Counted before the write: while it takes, the reaper sees a
-        // client taking in a reply, not an idle one.
+        // client taking in a reply, not an idle one; and a client that has
+        // read a reply finds it counted.
         self.permit.sent(n);
+        let metrics = self.shared.proxy.metrics();
+        metrics.response_bytes(Frontend::Http, n);
+        if !self.tally.is_empty() {
+            // Every request of the batch is answered by this write, so they
+            // share one latency (up to the write, as may_minihttp's loop
+            // measured it): one clock read per batch.
+            metrics.requests_batch(Frontend::Http, &mut self.tally, batch_start.elapsed());
+        }
         // A client asking for more while it reads nothing gets one stall
         // of grace; one that asks for nothing more is bound only by the
         // idle timeout, however slowly it reads. One syscall, only when
@@ -338,7 +347,6 @@ impl Conn<'_> {
                 .set_write_timeout(asking.then_some(UNREAD_STALL));
         }
         let written = self.out.write_to(&mut self.stream);
-        let metrics = self.shared.proxy.metrics();
         if let Err(e) = &written {
             if matches!(
                 e.kind(),
@@ -346,12 +354,6 @@ impl Conn<'_> {
             ) {
                 metrics.clients_reaped.fetch_add(1, Ordering::Relaxed);
             }
-        }
-        metrics.response_bytes(Frontend::Http, n);
-        if !self.tally.is_empty() {
-            // Every request of the batch is answered by this write, so they
-            // share its latency: one clock read per batch.
-            metrics.requests_batch(Frontend::Http, &mut self.tally, batch_start.elapsed());
         }
         self.permit.hold(unparsed) && written.is_ok()
     }
