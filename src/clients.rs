@@ -1,23 +1,25 @@
 //! clients: the connected-client limit, the registry of live connections,
-//! and the reaper that closes idle or oversize ones.
+//! the reaper that closes idle ones, and the bound on bytes held for all
+//! clients together.
 //!
 //! Owns admission (a may semaphore whose permit lives as long as the
-//! connection), the over-limit answer, and closing connections from outside
-//! their coroutine. Knows nothing of the cache or Redis, and parses nothing:
-//! front ends tell it when a request completes.
+//! connection), the over-limit answer, client-buffer accounting and
+//! eviction, and closing connections from outside their coroutine. Knows
+//! nothing of the cache or Redis, and parses nothing: front ends tell it
+//! when a request completes, how many reply bytes they wrote and how many
+//! bytes they hold.
 //!
-//! may_minihttp has no idle timeout, no request size bound and no way for a
-//! service to close its connection. What a service does know is its socket's
-//! fd, and that it is dropped before that fd is closed. So each connection
-//! registers under its fd, and a reaper thread `shutdown(2)`s the ones that
-//! idle too long or buffer too much; the connection's loop then sees EOF and
-//! ends. The reaper shuts a socket down only while holding the registry shard
-//! lock over its entry, and a connection unregisters (under the same lock)
-//! before its fd is closed, so the reaper never touches a reused fd; and a
-//! permit removes only its own entry (same `ConnState`), never one that a
-//! later connection on the same fd number registered.
+//! Each connection registers under its fd. The reaper thread `shutdown(2)`s
+//! the ones that idle too long; eviction does the same to the one holding
+//! the most buffer bytes when all of them together exceed the bound. Either
+//! way the connection's own loop then sees EOF or a write error and ends.
+//! Both shut a socket down only while holding the registry shard lock over
+//! its entry, and a connection unregisters (under the same lock) before its
+//! fd is closed, so neither touches a reused fd; and a permit removes only
+//! its own entry (same `ConnState`), never one that a later connection on
+//! the same fd number registered.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -25,13 +27,17 @@ use std::time::{Duration, Instant};
 use dashmap::DashMap;
 use may::sync::Semphore;
 
-use crate::config::MAX_HEAD_BYTES;
 use crate::metrics::Metrics;
 
 /// How long a refused connection may linger after its error was written.
 const REJECTED_LINGER: Duration = Duration::from_secs(1);
 /// Longest pause between two reaper passes.
 const MAX_REAP_TICK: Duration = Duration::from_millis(100);
+/// Bytes a connection may hold without reporting them to the shared
+/// counter: the common case (a read buffer, a batch of small replies) never
+/// touches a counter shared between workers. The bound is therefore exact
+/// to within this much per connection.
+pub const UNCOUNTED_HOLD_BYTES: usize = 64 * 1024;
 
 /// One live connection as the reaper sees it.
 #[derive(Debug)]
@@ -40,46 +46,24 @@ struct ConnState {
     last_active_ms: AtomicU64,
     /// How long it may go without a complete request.
     limit_ms: u64,
-    /// Requests completed so far.
-    requests: AtomicU64,
-    /// Bytes an incomplete request may buffer before the connection is cut.
-    max_pending_bytes: u64,
-    /// Reaper-owned: requests seen at the last pass, and the socket's
-    /// received-byte count then.
-    seen_requests: AtomicU64,
-    bytes_mark: AtomicU64,
-    /// Reply bytes produced so far (exactly what goes on the wire).
+    /// Reply bytes produced so far.
     produced: AtomicU64,
-    /// Connection-owned: how many reply bytes the peer had acknowledged at
-    /// the last over-bound check, and since when (ms) it has acknowledged
-    /// nothing more while over the bound (`NOT_STALLED` if it has).
-    acked_mark: AtomicU64,
-    stall_since_ms: AtomicU64,
     /// Reaper-owned: the acknowledged-byte count at its last look, and when
     /// it last grew. A client taking in a reply is not idle.
     acked_seen: AtomicU64,
     last_progress_ms: AtomicU64,
     closed: AtomicBool,
-    /// Set when `Permit::sent` cut the connection for unread replies.
-    cut: AtomicBool,
     /// A request is being processed (per connection, so the hot path never
     /// touches a counter shared between workers).
     busy: AtomicBool,
+    /// Buffer bytes this connection holds, as counted in `Clients::held`.
+    held: AtomicU64,
+    /// Set (before `held` is taken over) when this connection was evicted.
+    evicted: AtomicBool,
 }
 
-/// Reply bytes a client may leave unread while asking for more. Past this,
-/// a client that acknowledges nothing for [`UNREAD_STALL`] is cut (it
-/// pipelines and never reads); one that keeps reading is served on.
-pub const MAX_UNREAD_BYTES: u64 = 16 << 20;
-/// Reply bytes a client may leave unread while asking for more, reading or
-/// not: the bound on what piles up in may_minihttp's reply buffer. One
-/// reply of any size is never cut for its size.
-pub const MAX_UNREAD_HARD_BYTES: u64 = 64 << 20;
-/// How long a client over [`MAX_UNREAD_BYTES`] may go without reading.
-const UNREAD_STALL: Duration = Duration::from_secs(1);
-const NOT_STALLED: u64 = u64::MAX;
-
-/// Admission and reaping for every client connection, HTTP and RESP.
+/// Admission, reaping and buffer accounting for every client connection,
+/// HTTP and RESP.
 pub struct Clients {
     permits: Semphore,
     max: usize,
@@ -88,6 +72,11 @@ pub struct Clients {
     registry: DashMap<usize, Arc<ConnState>>,
     /// Set at shutdown: replies ask clients to close.
     draining: AtomicBool,
+    /// Buffer bytes held by all connections together (signed: an eviction
+    /// may take a connection's bytes over just before their owner adds them).
+    held: AtomicI64,
+    /// `PROXY_MAX_BUFFER_BYTES`.
+    max_held: i64,
     metrics: Arc<Metrics>,
 }
 
@@ -100,8 +89,14 @@ pub struct Permit {
 }
 
 impl Clients {
-    /// A limit of `max` connections, each closed after `idle` without a request.
-    pub fn new(max: usize, idle: Duration, metrics: Arc<Metrics>) -> Arc<Self> {
+    /// A limit of `max` connections, each closed after `idle` without a
+    /// request, and of `max_buffer_bytes` held for all of them together.
+    pub fn new(
+        max: usize,
+        idle: Duration,
+        max_buffer_bytes: u64,
+        metrics: Arc<Metrics>,
+    ) -> Arc<Self> {
         Arc::new(Clients {
             permits: Semphore::new(max),
             max,
@@ -109,6 +104,8 @@ impl Clients {
             origin: Instant::now(),
             registry: DashMap::new(),
             draining: AtomicBool::new(false),
+            held: AtomicI64::new(0),
+            max_held: max_buffer_bytes.min(i64::MAX as u64) as i64,
             metrics,
         })
     }
@@ -123,11 +120,15 @@ impl Clients {
         self.max - self.permits.get_value().min(self.max)
     }
 
+    /// Buffer bytes held by all connections now (as reported to [`Permit::hold`]).
+    pub fn held(&self) -> u64 {
+        self.held.load(Ordering::Relaxed).max(0) as u64
+    }
+
     /// Takes a permit for the connection on `fd`, or `None` at the limit.
     /// Never waits: it runs in the accept loop. Also turns Nagle off: a
-    /// reply is written whole, so nothing is gained by delaying it (and
-    /// may_minihttp's accept loop does not do it).
-    pub fn admit(self: &Arc<Self>, fd: usize, max_pending_bytes: usize) -> Option<Permit> {
+    /// reply is written whole, so nothing is gained by delaying it.
+    pub fn admit(self: &Arc<Self>, fd: usize) -> Option<Permit> {
         sys::set_nodelay(fd);
         if !self.permits.try_wait() {
             self.metrics
@@ -138,7 +139,7 @@ impl Clients {
         self.metrics
             .clients_connected
             .fetch_add(1, Ordering::Relaxed);
-        let state = self.register(fd, self.idle, max_pending_bytes);
+        let state = self.register(fd, self.idle);
         Some(Permit {
             clients: self.clone(),
             fd,
@@ -154,7 +155,7 @@ impl Clients {
     pub fn reject(self: &Arc<Self>, fd: usize, reply: &[u8]) -> Permit {
         sys::send_now(fd, reply);
         sys::shutdown_write(fd);
-        let state = self.register(fd, REJECTED_LINGER, 64 * 1024);
+        let state = self.register(fd, REJECTED_LINGER);
         Permit {
             clients: self.clone(),
             fd,
@@ -163,24 +164,17 @@ impl Clients {
         }
     }
 
-    fn register(&self, fd: usize, limit: Duration, max_pending_bytes: usize) -> Arc<ConnState> {
+    fn register(&self, fd: usize, limit: Duration) -> Arc<ConnState> {
         let state = Arc::new(ConnState {
             last_active_ms: AtomicU64::new(self.now_ms()),
             limit_ms: limit.as_millis() as u64,
-            requests: AtomicU64::new(0),
-            max_pending_bytes: max_pending_bytes as u64,
-            seen_requests: AtomicU64::new(0),
-            // Everything a new connection has received is an unfinished head
-            // until a request completes, even bytes that beat the accept.
-            bytes_mark: AtomicU64::new(0),
             produced: AtomicU64::new(0),
-            acked_mark: AtomicU64::new(0),
-            stall_since_ms: AtomicU64::new(NOT_STALLED),
             acked_seen: AtomicU64::new(0),
             last_progress_ms: AtomicU64::new(0),
             closed: AtomicBool::new(false),
-            cut: AtomicBool::new(false),
             busy: AtomicBool::new(false),
+            held: AtomicU64::new(0),
+            evicted: AtomicBool::new(false),
         });
         self.registry.insert(fd, state.clone());
         state
@@ -203,18 +197,16 @@ impl Clients {
             .spawn(move || loop {
                 thread::sleep(tick);
                 match weak.upgrade() {
-                    Some(clients) => clients.reap(tick),
+                    Some(clients) => clients.reap(),
                     None => return,
                 }
             })
             .expect("spawn client reaper thread")
     }
 
-    /// One reaper pass: closes connections idle past their limit, and those
-    /// whose unfinished request has buffered more than allowed.
-    fn reap(&self, tick: Duration) {
+    /// One reaper pass: closes connections idle past their limit.
+    fn reap(&self) {
         let now = self.now_ms();
-        let tick_ms = tick.as_millis() as u64;
         for entry in self.registry.iter() {
             let (fd, state) = (*entry.key(), entry.value());
             if state.closed.load(Ordering::Relaxed) {
@@ -225,34 +217,56 @@ impl Clients {
             // (the last ones included) restarts its idle clock. One
             // TCP_INFO read per connection with unacknowledged replies.
             if state.produced.load(Ordering::Relaxed) > state.acked_seen.load(Ordering::Relaxed) {
-                let acked = sys::tcp_counters(fd).map_or(0, |c| c.1);
+                let acked = sys::bytes_acked(fd).unwrap_or(0);
                 if acked > state.acked_seen.swap(acked, Ordering::Relaxed) {
                     state.last_progress_ms.store(now, Ordering::Relaxed);
                 }
             }
-            let last_request = state.last_active_ms.load(Ordering::Relaxed);
-            let last = last_request.max(state.last_progress_ms.load(Ordering::Relaxed));
-            let idle_ms = now.saturating_sub(last);
-            let mut close = idle_ms >= state.limit_ms;
-            // The head bound counts from the last complete request, reading
-            // or not: a slow download must not shelter a growing head.
-            let idle_ms = now.saturating_sub(last_request);
-            if !close && idle_ms >= tick_ms {
-                // No request completed during the last tick: is one growing?
-                let requests = state.requests.load(Ordering::Relaxed);
-                let received = sys::tcp_counters(fd).map_or(0, |c| c.0);
-                if requests != state.seen_requests.swap(requests, Ordering::Relaxed) {
-                    state.bytes_mark.store(received, Ordering::Relaxed);
-                } else {
-                    let pending = received.saturating_sub(state.bytes_mark.load(Ordering::Relaxed));
-                    close = pending > state.max_pending_bytes;
-                }
-            }
-            if close {
+            let last = state
+                .last_active_ms
+                .load(Ordering::Relaxed)
+                .max(state.last_progress_ms.load(Ordering::Relaxed));
+            if now.saturating_sub(last) >= state.limit_ms {
                 // Still under the shard lock: the fd cannot have been reused.
                 state.closed.store(true, Ordering::Relaxed);
                 sys::shutdown_both(fd);
                 self.metrics.clients_reaped.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    }
+
+    /// Disconnects the connections holding the most buffer bytes until all
+    /// of them together are back under the bound (Redis's
+    /// `maxmemory-clients`). Their bytes leave the count at once; their
+    /// coroutines free the memory when they see the shutdown.
+    fn evict_over_bound(&self) {
+        while self.held.load(Ordering::SeqCst) > self.max_held {
+            let mut largest: Option<(usize, Arc<ConnState>, u64)> = None;
+            for entry in self.registry.iter() {
+                let state = entry.value();
+                let held = state.held.load(Ordering::Relaxed);
+                if held > 0
+                    && !state.evicted.load(Ordering::Relaxed)
+                    && largest.as_ref().is_none_or(|l| held > l.2)
+                {
+                    largest = Some((*entry.key(), state.clone(), held));
+                }
+            }
+            let Some((fd, victim, _)) = largest else {
+                return;
+            };
+            if let Some(entry) = self.registry.get(&fd) {
+                // Only if the fd still names that connection (under the
+                // shard lock, so it cannot be reused meanwhile).
+                if Arc::ptr_eq(entry.value(), &victim) {
+                    victim.evicted.store(true, Ordering::SeqCst);
+                    victim.closed.store(true, Ordering::Relaxed);
+                    let bytes = victim.held.swap(0, Ordering::SeqCst);
+                    self.held.fetch_sub(bytes as i64, Ordering::SeqCst);
+                    sys::shutdown_both(fd);
+                    self.metrics.clients_evicted.fetch_add(1, Ordering::Relaxed);
+                    log::debug!("evicted client fd {fd} holding {bytes} buffer bytes");
+                }
             }
         }
     }
@@ -263,8 +277,7 @@ impl Clients {
     }
 
     /// Connections with a request in progress, or with reply bytes the
-    /// client has not yet acknowledged (counted from the kernel's send queue:
-    /// while may_minihttp still holds part of a reply, that queue is not empty).
+    /// client has not yet acknowledged (counted from the kernel's send queue).
     pub fn unfinished(&self) -> usize {
         self.registry
             .iter()
@@ -289,16 +302,8 @@ impl Permit {
         self.state
             .last_active_ms
             .store(self.clients.ms_at(at), Ordering::Relaxed);
-        self.state.requests.fetch_add(1, Ordering::Relaxed);
         self.state.busy.store(true, Ordering::SeqCst);
         InFlight(&self.state)
-    }
-
-    /// Ends this connection once the reply being built is written: reading
-    /// stops now, so the connection loop ends after its next write.
-    pub fn close_after_reply(&self) {
-        self.state.closed.store(true, Ordering::Relaxed);
-        sys::shutdown_read(self.fd);
     }
 
     /// True once a graceful shutdown has begun.
@@ -308,49 +313,50 @@ impl Permit {
         self.clients.draining.load(Ordering::SeqCst)
     }
 
-    /// Records a reply of `n` bytes (exactly what goes on the wire), and cuts
-    /// the connection if the client asks for more while it leaves earlier
-    /// replies unread: over [`MAX_UNREAD_HARD_BYTES`], or over
-    /// [`MAX_UNREAD_BYTES`] with nothing acknowledged for [`UNREAD_STALL`].
-    /// Checked here, per reply, because may_minihttp's reply buffer takes
-    /// whatever it is given and a reaper tick is long enough for a
-    /// pipelining client to pile up gigabytes. A batch of pipelined replies
-    /// is built before any of it is written, so a bound crossed within one
-    /// batch by a client that reads is not a stall.
+    /// Records `n` reply bytes written to the socket, so the reaper can
+    /// tell a client taking in a long reply from an idle one.
     pub fn sent(&self, n: usize) {
-        let state = &self.state;
-        let before = state.produced.fetch_add(n as u64, Ordering::Relaxed);
-        if before.saturating_sub(state.acked_mark.load(Ordering::Relaxed)) <= MAX_UNREAD_BYTES {
-            return;
-        }
-        if state.closed.load(Ordering::Relaxed) {
-            return;
-        }
-        let now = self.clients.now_ms();
-        let acked = sys::tcp_counters(self.fd).map_or(0, |c| c.1);
-        let progressed = acked != state.acked_mark.swap(acked, Ordering::Relaxed);
-        if progressed || state.stall_since_ms.load(Ordering::Relaxed) == NOT_STALLED {
-            state.stall_since_ms.store(now, Ordering::Relaxed);
-        }
-        let unread = before.saturating_sub(acked);
-        let stalled_ms = now.saturating_sub(state.stall_since_ms.load(Ordering::Relaxed));
-        let stalled = stalled_ms >= UNREAD_STALL.as_millis() as u64;
-        if unread > MAX_UNREAD_HARD_BYTES || (unread > MAX_UNREAD_BYTES && stalled) {
-            // Our own live fd (we are inside its request): safe to shut.
-            state.closed.store(true, Ordering::Relaxed);
-            state.cut.store(true, Ordering::Relaxed);
-            sys::shutdown_both(self.fd);
-            self.clients
-                .metrics
-                .clients_reaped
-                .fetch_add(1, Ordering::Relaxed);
-        }
+        self.state.produced.fetch_add(n as u64, Ordering::Relaxed);
     }
 
-    /// True once [`Permit::sent`] cut the connection: requests still
-    /// buffered behind the cut need no work, their replies cannot arrive.
-    pub fn is_cut(&self) -> bool {
-        self.state.cut.load(Ordering::Relaxed)
+    /// Reports the buffer bytes this connection holds now (unfinished
+    /// request bytes and unsent replies together), replacing its previous
+    /// report. Over `PROXY_MAX_BUFFER_BYTES` for all clients together, the
+    /// connections holding the most are disconnected, possibly this one.
+    /// Returns false once this connection has been evicted: it should stop.
+    /// Holdings up to [`UNCOUNTED_HOLD_BYTES`] cost one uncontended load.
+    pub fn hold(&self, bytes: usize) -> bool {
+        let state = &self.state;
+        let bytes = if bytes <= UNCOUNTED_HOLD_BYTES {
+            0
+        } else {
+            bytes as u64
+        };
+        if bytes == 0 && state.held.load(Ordering::Relaxed) == 0 {
+            return !state.evicted.load(Ordering::Relaxed);
+        }
+        let before = state.held.swap(bytes, Ordering::SeqCst);
+        let total = self
+            .clients
+            .held
+            .fetch_add(bytes as i64 - before as i64, Ordering::SeqCst)
+            + (bytes as i64 - before as i64);
+        if state.evicted.load(Ordering::SeqCst) {
+            // Evicted meanwhile: what we just added is ours to take back.
+            let mine = state.held.swap(0, Ordering::SeqCst);
+            self.clients.held.fetch_sub(mine as i64, Ordering::SeqCst);
+            return false;
+        }
+        if bytes > before && total > self.clients.max_held {
+            self.clients.evict_over_bound();
+        }
+        !state.evicted.load(Ordering::SeqCst)
+    }
+
+    /// True once this connection was disconnected to bring the client
+    /// buffers back under their bound.
+    pub fn is_evicted(&self) -> bool {
+        self.state.evicted.load(Ordering::Relaxed)
     }
 
     /// Whether this connection was refused at the limit.
@@ -370,6 +376,7 @@ impl Drop for InFlight<'_> {
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        self.hold(0);
         // Only our own entry: should the fd already be closed and reused,
         // the entry under it is the new connection's.
         self.clients
@@ -384,9 +391,6 @@ impl Drop for Permit {
         }
     }
 }
-
-/// The head bound HTTP connections are registered with.
-pub const HTTP_MAX_PENDING: usize = MAX_HEAD_BYTES;
 
 /// Thin wrappers over the socket calls the reaper needs.
 mod sys {
@@ -451,9 +455,8 @@ mod sys {
         }
     }
 
-    /// Bytes the kernel has received on this TCP socket, and bytes the peer
-    /// has acknowledged.
-    pub fn tcp_counters(fd: usize) -> Option<(u64, u64)> {
+    /// Bytes of this TCP socket's output the peer has acknowledged.
+    pub fn bytes_acked(fd: usize) -> Option<u64> {
         // SAFETY: tcp_info is plain data; getsockopt writes at most `len` bytes.
         unsafe {
             let mut info: libc::tcp_info = std::mem::zeroed();
@@ -465,7 +468,7 @@ mod sys {
                 (&mut info as *mut libc::tcp_info).cast(),
                 &mut len,
             );
-            (rc == 0).then_some((info.tcpi_bytes_received, info.tcpi_bytes_acked))
+            (rc == 0).then_some(info.tcpi_bytes_acked)
         }
     }
 }
@@ -481,9 +484,9 @@ mod tests {
     /// registry entry only, not the new connection's.
     #[test]
     fn permit_drop_leaves_a_reused_fds_entry() {
-        let clients = Clients::new(4, Duration::from_secs(60), Arc::default());
-        let old = clients.admit(FD, 1024).expect("admitted");
-        let new = clients.admit(FD, 1024).expect("admitted");
+        let clients = Clients::new(4, Duration::from_secs(60), u64::MAX, Arc::default());
+        let old = clients.admit(FD).expect("admitted");
+        let new = clients.admit(FD).expect("admitted");
         drop(old);
         let entry = clients.registry.get(&FD).map(|e| e.value().clone());
         assert!(entry.is_some_and(|s| Arc::ptr_eq(&s, &new.state)));

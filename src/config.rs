@@ -31,6 +31,18 @@ pub const DEFAULT_IDLE_TIMEOUT_MS: u64 = 60_000;
 pub const DEFAULT_SHUTDOWN_GRACE_MS: u64 = 5000;
 /// Default bound on one RESP request, in bytes.
 pub const DEFAULT_RESP_MAX_REQUEST_BYTES: usize = 64 << 20;
+/// Default bound on bytes held for all clients together, 1 GiB.
+pub const DEFAULT_MAX_BUFFER_BYTES: u64 = 1 << 30;
+/// Smallest client-buffer bound accepted: 1 MiB.
+pub const MIN_BUFFER_BYTES: u64 = 1 << 20;
+/// Largest client-buffer bound accepted: 1 PiB (effectively unbounded).
+pub const MAX_BUFFER_BYTES: u64 = 1 << 50;
+/// File descriptors kept out of the client limit: Redis connections (one
+/// per worker, plus invalidation and health), listeners, stdio, the odd
+/// file; on top of [`FDS_RESERVED_PER_WORKER`] per worker.
+pub const FDS_RESERVED: u64 = 32;
+/// File descriptors kept per worker thread (its Redis connection and its poller).
+pub const FDS_RESERVED_PER_WORKER: u64 = 4;
 
 /// Largest TTL accepted: 30 days.
 pub const MAX_CACHE_TTL_MS: u64 = 30 * 24 * 3600 * 1000;
@@ -67,6 +79,7 @@ pub const ENV_NAMES: &[&str] = &[
     "PROXY_ALLOW_WRITES",
     "PROXY_SHUTDOWN_GRACE_MS",
     "RESP_MAX_REQUEST_BYTES",
+    "PROXY_MAX_BUFFER_BYTES",
 ];
 
 /// How the cache learns that Redis changed a key.
@@ -167,6 +180,12 @@ pub struct Config {
     #[arg(long, env = "RESP_MAX_REQUEST_BYTES", default_value_t = DEFAULT_RESP_MAX_REQUEST_BYTES,
           value_parser = ranged::<usize>("RESP_MAX_REQUEST_BYTES", 1024, 1 << 30))]
     pub resp_max_request_bytes: usize,
+
+    /// Bytes held for all clients together (unfinished requests and unsent
+    /// replies); over it, the client holding the most is disconnected.
+    #[arg(long, env = "PROXY_MAX_BUFFER_BYTES", default_value_t = DEFAULT_MAX_BUFFER_BYTES,
+          value_parser = ranged::<u64>("PROXY_MAX_BUFFER_BYTES", MIN_BUFFER_BYTES, MAX_BUFFER_BYTES))]
+    pub max_buffer_bytes: u64,
 }
 
 impl Default for Config {
@@ -187,6 +206,7 @@ impl Default for Config {
             allow_writes: false,
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             resp_max_request_bytes: DEFAULT_RESP_MAX_REQUEST_BYTES,
+            max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
         }
     }
 }
@@ -268,6 +288,27 @@ impl Config {
     /// Shutdown grace period as a duration.
     pub fn shutdown_grace(&self) -> Duration {
         Duration::from_millis(self.shutdown_grace_ms)
+    }
+
+    /// The client limit that fits `fd_limit` open files (after the reserve
+    /// for Redis connections, listeners and the like), and the warning to
+    /// log when that is below `PROXY_MAX_CLIENTS`.
+    pub fn clients_fitting(&self, fd_limit: Option<u64>) -> (usize, Option<String>) {
+        let Some(limit) = fd_limit else {
+            return (self.max_clients, None);
+        };
+        let reserve = FDS_RESERVED + FDS_RESERVED_PER_WORKER * self.workers() as u64;
+        let fits = limit.saturating_sub(reserve).max(1);
+        if (self.max_clients as u64) <= fits {
+            return (self.max_clients, None);
+        }
+        let warning = format!(
+            "PROXY_MAX_CLIENTS lowered from {} to {fits}: the open-file limit is {limit} \
+             and {reserve} descriptors are kept for Redis connections and listeners \
+             (raise it with ulimit -n)",
+            self.max_clients
+        );
+        (fits as usize, Some(warning))
     }
 
     /// Checks what flag parsing cannot: the Redis URL and port clashes.
@@ -446,6 +487,35 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port, t.db), ("db.local", 7000, 2));
         let err = legacy_target(|n| (n == "REDIS_PORT").then(|| "99999".into())).unwrap_err();
         assert!(err.0.contains("REDIS_PORT"));
+    }
+
+    /// The client limit is lowered to what the open-file limit leaves, with a warning.
+    #[test]
+    fn clients_fit_the_fd_limit() {
+        let c = parse(&["--max-clients", "1000", "--workers", "2"]).unwrap();
+        assert_eq!(c.clients_fitting(Some(65536)), (1000, None));
+        assert_eq!(c.clients_fitting(None), (1000, None));
+        let (n, warning) = c.clients_fitting(Some(256));
+        assert_eq!(n, 256 - 32 - 8);
+        assert!(warning
+            .unwrap()
+            .contains("PROXY_MAX_CLIENTS lowered from 1000 to 216"));
+        assert_eq!(c.clients_fitting(Some(10)).0, 1);
+    }
+
+    /// The client-buffer bound defaults to 1 GiB and is range-checked.
+    #[test]
+    fn max_buffer_bytes() {
+        assert_eq!(parse(&[]).unwrap().max_buffer_bytes, 1 << 30);
+        let c = parse(&["--max-buffer-bytes", "629145600"]).unwrap();
+        assert_eq!(c.max_buffer_bytes, 600 << 20);
+        let err = parse(&["--max-buffer-bytes", "10"])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("PROXY_MAX_BUFFER_BYTES must be an integer in"),
+            "{err}"
+        );
     }
 
     /// The RESP and HTTP ports must differ.

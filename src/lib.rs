@@ -12,9 +12,10 @@
 //! - [`backend`]: the backing Redis behind the [`backend::Redis`] trait: a [`backend::Topology`] over nodes (`backend/topology.rs`, one node today), each node's per-worker pipelined connections over may sockets (`backend/node.rs`), and the one connect path for every connection: resolve, TCP, AUTH, SELECT (`backend/connect.rs`).
 //! - [`proxy`]: the read-through core both front ends call (`get`, `get_many`, `set`, `del`, `ready`, `snapshot`): lookup, single-flight miss, insert, writes.
 //! - [`coherence`]: the freshness state machine (flights, epoch, generation, tracking up/down) the core reads and the layers below report into.
-//! - [`http`]: the HTTP front end on may_minihttp; maps results and errors to statuses.
-//! - [`resp`]: the Redis-protocol (RESP2) front end: parser, command subset, accept loop.
-//! - [`clients`]: the connected-client limit, idle and oversize-request reaping.
+//! - [`http`]: the HTTP front end: its own connection loop on may coroutines (`http/conn.rs`), head parsing with httparse (`http/parse.rs`); maps results and errors to statuses.
+//! - [`resp`]: the Redis-protocol (RESP2) front end: incremental parser (`resp/parse.rs`), the table of served commands (`resp/commands.rs`), the connection loop.
+//! - [`listener`]: the accept loop both front ends share (backs off when accepts fail), the open-file limit.
+//! - [`clients`]: the connected-client limit, idle reaping, the bound on all clients' buffers (eviction).
 //! - [`tracking`]: the opt-in invalidation listener: Redis CLIENT TRACKING messages become [`coherence`] events.
 //! - [`metrics`]: one table of counters, rendered into the Prometheus text and RESP `INFO`; the request `Status` enum.
 //! - [`server`]: wiring; starts everything from a [`Config`] and returns a [`Server`] handle.
@@ -29,6 +30,7 @@ pub mod clients;
 pub mod coherence;
 pub mod config;
 pub mod http;
+pub mod listener;
 pub mod metrics;
 pub mod proxy;
 pub mod resp;

@@ -274,6 +274,9 @@ pub struct Metrics {
     pub clients_rejected: AtomicU64,
     /// Connections closed for idling or for an oversize request.
     pub clients_reaped: AtomicU64,
+    /// Connections closed because all clients together held more than
+    /// `PROXY_MAX_BUFFER_BYTES` and they held the most.
+    pub clients_evicted: AtomicU64,
     /// Invalidation messages received (tracking mode).
     pub invalidations: AtomicU64,
     /// Keys removed by invalidation messages.
@@ -570,12 +573,21 @@ pub const COUNTERS: &[Def] = &[
     },
     Def {
         name: "clients_reaped_total",
-        help: "Client connections closed for idling or an oversize request.",
+        help: "Client connections closed for idling.",
         kind: Kind::Counter,
         labels: &[],
         shown: Shown::Always,
         redis_names: &[],
         read: Read::One(|m, _| load(&m.clients_reaped)),
+    },
+    Def {
+        name: "clients_evicted_total",
+        help: "Client connections closed for holding the most buffer bytes over PROXY_MAX_BUFFER_BYTES.",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|m, _| load(&m.clients_evicted)),
     },
     Def {
         name: "requests_total",

@@ -14,11 +14,12 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
-use may::net::{TcpListener, TcpStream};
+use may::net::TcpStream;
 
 use crate::backend::BackendError;
 use crate::backend::SetReply;
 use crate::clients::{Clients, Permit};
+use crate::listener;
 use crate::metrics::{Frontend, Metrics, Status, Tally};
 use crate::proxy::Proxy;
 
@@ -114,36 +115,22 @@ pub struct RespShared {
 
 /// Binds `addr` and serves RESP on it; returns the accept coroutine.
 pub fn start(shared: Arc<RespShared>, addr: SocketAddr) -> io::Result<JoinHandle<()>> {
-    let listener = TcpListener::bind(addr)?;
-    let handle = may::go!(
-        may::coroutine::Builder::new().name("resp-accept".into()),
-        move || {
-            for stream in listener.incoming() {
-                let stream = match stream {
-                    Ok(stream) => stream,
-                    Err(e) => {
-                        log::debug!("resp accept failed: {e}");
-                        continue;
-                    }
-                };
-                let fd = stream.as_raw_fd() as usize;
-                let shared = shared.clone();
-                let builder = may::coroutine::Builder::new().id(fd);
-                let spawned = may::go!(builder, move || connection(stream, &shared, fd));
-                if let Err(e) = spawned {
-                    log::warn!("cannot spawn resp connection: {e}");
-                }
-            }
+    listener::start("resp-accept", addr, move |stream| {
+        let fd = stream.as_raw_fd() as usize;
+        let shared = shared.clone();
+        let builder = may::coroutine::Builder::new().id(fd);
+        let spawned = may::go!(builder, move || connection(stream, &shared, fd));
+        if let Err(e) = spawned {
+            log::warn!("cannot spawn resp connection: {e}");
         }
-    )?;
-    Ok(handle)
+    })
 }
 
 /// Serves one accepted connection, or refuses it over the client limit.
 /// The permit always goes before the socket: a connection leaves the
 /// client registry before its fd can be closed and reused.
 fn connection(mut stream: TcpStream, shared: &RespShared, fd: usize) {
-    match shared.clients.admit(fd, shared.max_request) {
+    match shared.clients.admit(fd) {
         Some(permit) => serve(&mut stream, permit, shared, fd),
         None => {
             // An answered request, as every one is (DESIGN.md counters);

@@ -9,14 +9,14 @@ use std::thread;
 use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
-use may_minihttp::HttpServiceFactory;
 
 use crate::backend::{Backend, BackendOptions};
 use crate::cache::{Cache, SystemClock};
 use crate::clients::Clients;
 use crate::coherence::{Coherence, Freshness};
 use crate::config::{Config, Invalidation};
-use crate::http::HttpFactory;
+use crate::http::{self, HttpShared};
+use crate::listener;
 use crate::metrics::Metrics;
 use crate::proxy::Proxy;
 use crate::resp::{self, RespShared};
@@ -85,20 +85,31 @@ pub fn start(config: &Config) -> io::Result<Server> {
     if let Some(tracking) = &tracking {
         tracking.spawn();
     }
+    let (max_clients, warning) = config.clients_fitting(listener::raise_fd_limit());
+    if let Some(warning) = warning {
+        log::warn!("{warning}");
+    }
     // Front ends get the counters at construction (request counts, reply
     // bytes, client figures); the core keeps cache and backend to itself.
-    let clients = Clients::new(config.max_clients, config.idle_timeout(), metrics.clone());
+    let clients = Clients::new(
+        max_clients,
+        config.idle_timeout(),
+        config.max_buffer_bytes,
+        metrics.clone(),
+    );
     clients.spawn_reaper();
 
     let http_addr = resolve(&config.host, config.port)?;
-    let http = HttpFactory {
-        proxy: proxy.clone(),
-        metrics: metrics.clone(),
-        clients: clients.clone(),
-        allow_writes: config.allow_writes,
-        max_body: config.resp_max_request_bytes,
-    }
-    .start(http_addr)?;
+    let http = http::start(
+        Arc::new(HttpShared {
+            proxy: proxy.clone(),
+            metrics: metrics.clone(),
+            clients: clients.clone(),
+            allow_writes: config.allow_writes,
+            max_body: config.resp_max_request_bytes,
+        }),
+        http_addr,
+    )?;
     let mut listeners = vec![http];
     let mut resp_addr = None;
     if let Some(port) = config.resp_port {
@@ -160,8 +171,7 @@ impl Server {
         }
         self.clients.start_draining();
         // Wait for requests in progress and for replies still on their way
-        // (may_minihttp drops the unwritten part of a reply once reading
-        // ends); three quiet checks in a row, since a woken connection writes
+        // ; three quiet checks in a row, since a woken connection writes
         // its next chunk a moment after the queue drains. Requests arriving
         // now are refused with a short 503 (see `http`).
         let deadline = Instant::now() + grace;

@@ -70,16 +70,9 @@ fn growing_head_is_closed() {
     assert_eq!(proxy.get("/-/healthy").status, 200);
 }
 
-/// A 200 KiB unfinished head sent at once after a completed request is cut off.
-///
-/// A known limit, kept as a reproducer: the reaper (src/clients.rs, `reap`)
-/// re-bases a connection's byte mark on the bytes received *when it notices*
-/// a completed request, up to one tick later, so a burst that arrived in
-/// between is not counted and only the idle timeout ends the connection.
-/// Counting exactly needs may_minihttp's unparsed-buffer length, which it
-/// does not expose; a TCP_INFO read per request would cost the hit path.
+/// A 200 KiB unfinished head sent at once after a completed request is cut
+/// off (431 or closed): the connection loop counts the unparsed bytes it holds.
 #[test]
-#[ignore = "known limit (README): a head sent in the same burst as the end of the previous request is bounded only by the idle timeout"]
 fn burst_head_after_a_request_is_closed() {
     let redis = Redis::start();
     let proxy = Proxy::start(&redis, &[]);
