@@ -236,6 +236,11 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
             }
         }
         if !wbuf.is_empty() {
+            // The replies about to be written count toward the bound on all
+            // clients' buffers (PROXY_MAX_BUFFER_BYTES) until they are out.
+            if !permit.hold(rbuf.len() - start + wbuf.len()) {
+                return;
+            }
             // Counted so the reaper can tell a client reading a long reply
             // from an idle one; the write below blocks, so replies never
             // pile up unread here.
@@ -266,6 +271,10 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
         match stream.read(&mut rbuf[len..]) {
             Ok(0) | Err(_) => return,
             Ok(n) => rbuf.truncate(len + n),
+        }
+        // An unfinished request held here counts toward the same bound.
+        if !permit.hold(rbuf.len()) {
+            return;
         }
         unyielded_bytes += rbuf.len() - len;
         if unyielded_bytes >= YIELD_BYTES {

@@ -468,3 +468,69 @@ fn client_buffers_are_bounded_across_clients() {
     assert!(whole >= 1, "no reader got the value: {totals:?}");
     assert!(metric(port, "redis_proxy_clients_evicted_total") > 0 || whole == 20);
 }
+
+/// 20 RESP clients each holding 50 MB of an unfinished request with
+/// PROXY_MAX_BUFFER_BYTES at 600 MB: peak RSS stays under the bound +
+/// 200 MB, clients are evicted (counted), and a PING is answered meanwhile.
+#[test]
+fn resp_request_buffers_are_bounded_across_clients() {
+    let redis = Redis::start();
+    let bound: u64 = 600 << 20;
+    let resp_port = free_port();
+    let (p, port) = proxy(
+        &redis,
+        &[
+            ("PROXY_MAX_BUFFER_BYTES", &bound.to_string()),
+            ("RESP_PORT", &resp_port.to_string()),
+        ],
+    );
+    let pid = p.0.id();
+    const HELD: usize = 50_000_000;
+    let clients: Vec<_> = (0..20)
+        .map(|_| {
+            thread::spawn(move || {
+                let mut s = TcpStream::connect(("127.0.0.1", resp_port)).expect("connect");
+                s.set_write_timeout(Some(DEADLINE)).expect("timeout");
+                // One SET whose value never finishes arriving.
+                let head = format!("*3\r\n$3\r\nSET\r\n$1\r\nk\r\n${}\r\n", HELD + 1);
+                if s.write_all(head.as_bytes()).is_err() {
+                    return (0, s);
+                }
+                let chunk = vec![b'x'; 1 << 20];
+                let mut sent = 0;
+                while sent < HELD {
+                    match s.write(&chunk[..chunk.len().min(HELD - sent)]) {
+                        Ok(n) if n > 0 => sent += n,
+                        _ => break,
+                    }
+                }
+                (sent, s)
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let mut pinged = 0;
+    while clients.iter().any(|c| !c.is_finished()) {
+        let mut c = TcpStream::connect(("127.0.0.1", resp_port)).expect("connect");
+        c.set_read_timeout(Some(DEADLINE)).expect("timeout");
+        c.write_all(b"PING\r\n").expect("ping");
+        let mut buf = [0u8; 7];
+        c.read_exact(&mut buf).expect("pong");
+        assert_eq!(&buf, b"+PONG\r\n");
+        pinged += 1;
+        assert!(started.elapsed() < 6 * DEADLINE, "clients stuck");
+        thread::sleep(Duration::from_millis(50));
+    }
+    // Keep the sockets open until the figures are read.
+    let held: Vec<(usize, TcpStream)> = clients.into_iter().map(|c| c.join().unwrap()).collect();
+    let hwm = status_kib(pid, "VmHWM:");
+    let evicted = metric(port, "redis_proxy_clients_evicted_total");
+    eprintln!("pinged {pinged} times; VmHWM {hwm} KiB; evicted {evicted}");
+    assert!(
+        hwm * 1024 < bound + (200 << 20),
+        "peak RSS {} MB over the 600 MB bound + 200 MB",
+        hwm / 1024
+    );
+    assert!(evicted > 0, "nobody was evicted");
+    drop(held);
+}
