@@ -266,6 +266,15 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
             start = 0;
         }
         let len = rbuf.len();
+        if len == 0 {
+            // Every command read so far is answered: the client is waiting
+            // for its replies rather than streaming a request or a pipeline
+            // past us, so the next read will most likely wait (and let the
+            // worker's other clients run). Only a connection that always
+            // has input left over keeps counting toward a pause.
+            unyielded_bytes = 0;
+            unyielded_commands = 0;
+        }
         let want = need.saturating_sub(len).clamp(READ_CHUNK, 1 << 20);
         rbuf.resize(len + want, 0);
         match stream.read(&mut rbuf[len..]) {
