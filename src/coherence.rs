@@ -112,15 +112,16 @@ pub struct Coherence<R> {
 }
 
 /// Whether a key's miss leads the fetch or waits for another's.
-pub enum Join<'a, R> {
-    Leader(Lead<'a, R>),
+pub enum Join<R> {
+    Leader(Lead<R>),
     Follower(Arc<Flight<R>>),
 }
 
 /// The leader's hold on a flight. Dropping it (return or panic) removes the
-/// flight from the table, then wakes the waiters.
-pub struct Lead<'a, R> {
-    coherence: &'a Coherence<R>,
+/// flight from the table, then wakes the waiters. It owns a handle to the
+/// state, so a background refresh can carry it into its own coroutine.
+pub struct Lead<R> {
+    coherence: Arc<Coherence<R>>,
     key: Key,
     flight: Arc<Flight<R>>,
     generation: u64,
@@ -185,7 +186,7 @@ impl<R> Coherence<R> {
 
     /// Registers a miss on `key` seen at `generation`: the first caller
     /// leads, later ones follow until the leader lands.
-    pub fn join(&self, key: &[u8], generation: u64) -> Join<'_, R> {
+    pub fn join(self: &Arc<Self>, key: &[u8], generation: u64) -> Join<R> {
         let key: Key = Arc::from(key);
         match self.flights.entry(key.clone()) {
             Entry::Occupied(e) => Join::Follower(e.get().clone()),
@@ -197,7 +198,7 @@ impl<R> Coherence<R> {
                 });
                 e.insert(flight.clone());
                 Join::Leader(Lead {
-                    coherence: self,
+                    coherence: self.clone(),
                     key,
                     flight,
                     generation,
@@ -230,7 +231,7 @@ impl<R> Coherence<R> {
     }
 }
 
-impl<R> Lead<'_, R> {
+impl<R> Lead<R> {
     /// The key being fetched.
     pub fn key(&self) -> &[u8] {
         &self.key
@@ -239,7 +240,7 @@ impl<R> Lead<'_, R> {
     /// Caches `bytes` for the key, unless an event since the fetch started
     /// says it may be stale; returns the value to answer with either way.
     pub fn fill(&self, bytes: &[u8]) -> Value {
-        let coherence = self.coherence;
+        let coherence = &self.coherence;
         let value = coherence.cache.insert(&self.key, bytes);
         if self.flight.stale.load(Ordering::SeqCst)
             || coherence.generation.load(Ordering::SeqCst) != self.generation
@@ -256,7 +257,7 @@ impl<R> Lead<'_, R> {
     }
 }
 
-impl<R> Drop for Lead<'_, R> {
+impl<R> Drop for Lead<R> {
     fn drop(&mut self) {
         self.coherence.flights.remove(&self.key);
         self.flight.done.fire();
@@ -306,16 +307,20 @@ mod tests {
     use crate::cache::SystemClock;
     use std::time::Duration;
 
-    fn state(tracking: bool) -> Coherence<u32> {
+    fn state(tracking: bool) -> Arc<Coherence<u32>> {
         let cache = Arc::new(Cache::new(
             16,
             Duration::from_secs(60),
             Arc::new(SystemClock::default()),
         ));
-        Coherence::new(cache, Arc::new(Metrics::default()), tracking)
+        Arc::new(Coherence::new(
+            cache,
+            Arc::new(Metrics::default()),
+            tracking,
+        ))
     }
 
-    fn lead<'a>(c: &'a Coherence<u32>, key: &[u8]) -> Lead<'a, u32> {
+    fn lead(c: &Arc<Coherence<u32>>, key: &[u8]) -> Lead<u32> {
         match c.join(key, c.generation()) {
             Join::Leader(lead) => lead,
             Join::Follower(_) => panic!("expected to lead"),

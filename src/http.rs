@@ -234,6 +234,8 @@ struct Reply {
     /// For a hit/miss with the raw value: the value, written without a copy
     /// into a temporary Vec.
     raw: Option<crate::cache::Value>,
+    /// The `Cache-Status` line of an answer about a key ([`cache_status`]).
+    cache_status: Option<&'static str>,
 }
 
 const JSON: &[&str] = &["Content-Type: application/json"];
@@ -245,6 +247,7 @@ impl Reply {
             headers: JSON,
             body,
             raw: None,
+            cache_status: None,
         }
     }
 
@@ -270,6 +273,7 @@ impl HttpConn {
                     ],
                     body: error_body("method not allowed: use GET, HEAD, PUT or DELETE", None),
                     raw: None,
+                    cache_status: None,
                 }
             } else {
                 Reply {
@@ -277,6 +281,7 @@ impl HttpConn {
                     headers: &["Content-Type: application/json", "Allow: GET, HEAD"],
                     body: error_body("method not allowed: use GET or HEAD", None),
                     raw: None,
+                    cache_status: None,
                 }
             };
         }
@@ -290,9 +295,12 @@ impl HttpConn {
         let json = target.json || wants_json(req);
         match self.proxy.get(&target.key, self.fd) {
             Ok(lookup) => match lookup.value {
-                None => Reply::error(404, "key not found", Some(&target.key)),
+                None => Reply {
+                    cache_status: Some(cache_status(lookup.source)),
+                    ..Reply::error(404, "key not found", Some(&target.key))
+                },
                 Some(value) => {
-                    let hit = lookup.source == Source::Hit;
+                    let hit = lookup.source.is_hit();
                     if json {
                         Reply {
                             code: 200,
@@ -303,6 +311,7 @@ impl HttpConn {
                             },
                             body: value_body(&target.key, &value),
                             raw: None,
+                            cache_status: Some(cache_status(lookup.source)),
                         }
                     } else {
                         Reply {
@@ -314,6 +323,7 @@ impl HttpConn {
                             },
                             body: Vec::new(),
                             raw: Some(value),
+                            cache_status: Some(cache_status(lookup.source)),
                         }
                     }
                 }
@@ -338,6 +348,7 @@ impl HttpConn {
                 headers: &["Content-Type: text/plain; version=0.0.4; charset=utf-8"],
                 body: self.metrics.render(&self.proxy.snapshot()).into_bytes(),
                 raw: None,
+                cache_status: None,
             },
             _ => Reply::error(404, "unknown endpoint", None),
         }
@@ -425,6 +436,16 @@ fn body_length(req: &Request) -> Result<usize, &'static str> {
 }
 
 /// The one mapping from backend errors to HTTP answers.
+/// The `Cache-Status` header (RFC 9211) of an answer about a key.
+fn cache_status(source: Source) -> &'static str {
+    match source {
+        Source::Hit => "Cache-Status: redis-proxy; hit",
+        Source::StaleHit => "Cache-Status: redis-proxy; hit; detail=stale",
+        Source::Miss => "Cache-Status: redis-proxy; fwd=uri-miss",
+        Source::Collapsed => "Cache-Status: redis-proxy; fwd=uri-miss; collapsed",
+    }
+}
+
 fn backend_error(e: &BackendError, key: &[u8]) -> Reply {
     match e {
         BackendError::Unavailable(_) => Reply::error(503, "redis unavailable", Some(key)),
@@ -591,7 +612,11 @@ impl HttpService for HttpConn {
         } else {
             None
         };
-        let wire = respond(rsp, reply.code, reply.headers, close, body_len);
+        let mut wire = respond(rsp, reply.code, reply.headers, close, body_len);
+        if let Some(status) = reply.cache_status {
+            rsp.header(status);
+            wire += "\r\n".len() + status.len();
+        }
         if !head {
             match reply.raw {
                 Some(value) => rsp.body_mut().extend_from_slice(&value),

@@ -127,6 +127,12 @@ pub struct Metrics {
     pub misses: Counter,
     /// Misses that waited for another request's Redis GET instead of sending their own.
     pub coalesced: Counter,
+    /// Answers past the TTL while a background GET refreshes the key.
+    pub stale_revalidate: Counter,
+    /// Answers past the TTL because Redis failed.
+    pub stale_error: Counter,
+    /// Background GETs started by stale-while-revalidate.
+    pub refreshes: Counter,
     /// Client connections open now.
     pub clients_connected: AtomicI64,
     /// Client connections refused because of the limit.
@@ -228,6 +234,27 @@ impl Metrics {
             "Keys in the cache now.",
             "gauge",
             &[("", snapshot.cache_entries as u64)],
+        );
+        counter(
+            "cache_bytes",
+            "Key and value bytes in the cache now.",
+            "gauge",
+            &[("", snapshot.cache_bytes as u64)],
+        );
+        counter(
+            "cache_stale_served_total",
+            "Answers served past the TTL, by reason.",
+            "counter",
+            &[
+                ("{reason=\"revalidate\"}", self.stale_revalidate.get()),
+                ("{reason=\"error\"}", self.stale_error.get()),
+            ],
+        );
+        counter(
+            "cache_refreshes_total",
+            "Background GETs started to refresh a stale entry.",
+            "counter",
+            &[("", self.refreshes.get())],
         );
         counter(
             "redis_requests_total",
@@ -371,6 +398,7 @@ impl Metrics {
 pub struct Snapshot<'a> {
     pub cache: &'a CacheStats,
     pub cache_entries: usize,
+    pub cache_bytes: usize,
     pub cache_capacity: usize,
     pub backend: &'a BackendStats,
     pub tracking: bool,
@@ -393,12 +421,16 @@ mod tests {
         let text = m.render(&Snapshot {
             cache: &cache,
             cache_entries: 7,
+            cache_bytes: 70,
             cache_capacity: 10,
             backend: &backend,
             tracking: false,
         });
         assert!(text.contains("redis_proxy_cache_hits_total 3\n"));
         assert!(text.contains("redis_proxy_cache_entries 7\n"));
+        assert!(text.contains("redis_proxy_cache_bytes 70\n"));
+        assert!(text.contains("redis_proxy_cache_stale_served_total{reason=\"error\"} 0\n"));
+        assert!(text.contains("redis_proxy_cache_refreshes_total 0\n"));
         assert!(text.contains("redis_proxy_requests_total{frontend=\"http\",status=\"200\"} 1\n"));
         assert!(text.contains("redis_proxy_requests_total{frontend=\"resp\",status=\"error\"} 1\n"));
         assert!(text.contains("redis_proxy_request_duration_seconds_bucket{le=\"0.0001\"} 1\n"));

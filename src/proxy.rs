@@ -9,8 +9,27 @@
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.
+//!
+//! # Stale answers (both off by default, see [`Stale`])
+//! Past the TTL the cache keeps an entry for the longer of the two windows
+//! (its grace); `Cache::get` no longer answers it, `Cache::get_stale` does.
+//! - stale-while-revalidate: a hit within the window answers the old value
+//!   and the first one joins the flight table as the key's leader and moves
+//!   that [`Lead`] into a background coroutine that GETs and fills the key
+//!   ([`Proxy::get`] never waits for it). Being an ordinary flight, it is
+//!   single-flight with misses and guarded against invalidation races like
+//!   any fill; the fill is a new entry, so its age starts again.
+//! - stale-if-error: a miss whose GET failed with `Unavailable` or `Timeout`
+//!   answers an entry expired no longer ago than the window.
+//!
+//! Neither ever serves an entry that was invalidated, written or flushed:
+//! those are removed from the cache, not marked; and neither serves anything
+//! while coherence says the cache is unusable (tracking on, listener down).
+//! A GET that finds the key absent (or of another type) removes the stale
+//! entry, so a deleted key is not answered stale later.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backend::{Backend, BackendError, Redis, SetReply};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
@@ -20,8 +39,37 @@ use crate::metrics::{Metrics, Snapshot};
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// From the cache, within the TTL.
     Hit,
+    /// From the cache, past the TTL (stale-while-revalidate or stale-if-error).
+    StaleHit,
+    /// Read from Redis by this request.
     Miss,
+    /// Read from Redis by another request's GET that this one waited for.
+    Collapsed,
+}
+
+impl Source {
+    /// True when the answer came from the cache (`X-Cache: HIT`).
+    pub fn is_hit(self) -> bool {
+        matches!(self, Source::Hit | Source::StaleHit)
+    }
+}
+
+/// How long past the TTL an entry may still answer; zero = off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// Stale-while-revalidate window.
+    pub revalidate: Duration,
+    /// Stale-if-error window.
+    pub if_error: Duration,
+}
+
+impl Stale {
+    /// How long past the TTL the cache must keep expired entries.
+    pub fn grace(&self) -> Duration {
+        self.revalidate.max(self.if_error)
+    }
 }
 
 /// The answer to one GET: the value (or `None` when Redis has no such key).
@@ -41,20 +89,30 @@ pub type CoreCoherence = Coherence<FlightResult>;
 /// gives it another [`Redis`].
 pub struct Proxy<B: Redis = Backend> {
     cache: Arc<Cache>,
-    backend: B,
+    /// Shared with background refreshes, which outlive the request.
+    backend: Arc<B>,
     metrics: Arc<Metrics>,
     coherence: Arc<CoreCoherence>,
+    stale: Stale,
 }
 
-impl<B: Redis> Proxy<B> {
+impl<B: Redis + 'static> Proxy<B> {
     /// Wires the core over a backend and the freshness state of its cache.
     pub fn new(backend: B, metrics: Arc<Metrics>, coherence: Arc<CoreCoherence>) -> Self {
         Proxy {
             cache: coherence.cache().clone(),
-            backend,
+            backend: Arc::new(backend),
             metrics,
             coherence,
+            stale: Stale::default(),
         }
+    }
+
+    /// The same core answering stale within `stale`'s windows. The cache
+    /// must keep expired entries at least [`Stale::grace`] (its `Limits`).
+    pub fn with_stale(mut self, stale: Stale) -> Self {
+        self.stale = stale;
+        self
     }
 
     /// Reads `key`: from the cache, else with exactly one Redis GET shared by
@@ -69,36 +127,97 @@ impl<B: Redis> Proxy<B> {
             self.metrics.misses.inc();
             return self.uncached_get(key, hint);
         }
-        if let Some(value) = self.cache.get(key) {
+        if self.stale.revalidate.is_zero() {
+            if let Some(value) = self.cache.get(key) {
+                self.metrics.hits.inc();
+                return Ok(hit(value, Source::Hit));
+            }
+        } else if let Some((value, stale)) = self.cache.get_stale(key, self.stale.revalidate) {
             self.metrics.hits.inc();
-            return Ok(Lookup {
-                value: Some(value),
-                source: Source::Hit,
-            });
+            if !stale {
+                return Ok(hit(value, Source::Hit));
+            }
+            self.metrics.stale_revalidate.inc();
+            self.refresh(key, generation, hint);
+            return Ok(hit(value, Source::StaleHit));
         }
         self.metrics.misses.inc();
         if self.cache.capacity() == 0 {
             // Pass-through: every GET goes to Redis, nothing is shared.
             return self.uncached_get(key, hint);
         }
-        let lead = match self.coherence.join(key, generation) {
-            Join::Leader(lead) => lead,
+        let result = match self.coherence.join(key, generation) {
+            Join::Leader(lead) => {
+                // An earlier leader may have filled the cache between our
+                // miss and our flight: take its value rather than asking
+                // Redis again.
+                let result = match self.cache.get(key) {
+                    Some(value) => Ok(Some(value)),
+                    None => fetch(&*self.backend, &self.cache, &lead, hint),
+                };
+                lead.land(result.clone());
+                result.map(|value| answer(value, Source::Miss))
+            }
             Join::Follower(flight) => {
                 self.metrics.coalesced.inc();
-                let result = flight
+                flight
                     .wait()
-                    .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
-                return result.map(miss);
+                    .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())))
+                    .map(|value| answer(value, Source::Collapsed))
             }
         };
-        // An earlier leader may have filled the cache between our miss and
-        // our flight: take its value rather than asking Redis again.
-        let result = match self.cache.get(key) {
-            Some(value) => Ok(Some(value)),
-            None => self.fetch(&lead, hint),
+        match result {
+            Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
+                self.stale_if_error(key, e)
+            }
+            other => other,
+        }
+    }
+
+    /// Answers a failed GET with the key's entry if it expired no longer
+    /// ago than the stale-if-error window; else the error.
+    fn stale_if_error(&self, key: &[u8], error: BackendError) -> Result<Lookup, BackendError> {
+        // Re-checked: the listener may have gone down while we waited.
+        if self.stale.if_error.is_zero() || !self.coherence.usable() {
+            return Err(error);
+        }
+        match self.cache.get_stale(key, self.stale.if_error) {
+            Some((value, true)) => {
+                self.metrics.stale_error.inc();
+                Ok(hit(value, Source::StaleHit))
+            }
+            // Filled by another request since our miss.
+            Some((value, false)) => Ok(hit(value, Source::Hit)),
+            None => Err(error),
+        }
+    }
+
+    /// Starts one background GET of `key` unless a fetch of it is already
+    /// in flight; never waits for it.
+    fn refresh(&self, key: &[u8], generation: u64, hint: usize) {
+        let Join::Leader(lead) = self.coherence.join(key, generation) else {
+            return;
         };
-        lead.land(result.clone());
-        result.map(miss)
+        let backend = self.backend.clone();
+        let cache = self.cache.clone();
+        let metrics = self.metrics.clone();
+        let spawned = may::go!(move || {
+            // A hit may have read the old entry just before the last refresh
+            // filled it, and led again after that flight ended: the entry is
+            // fresh now, so there is nothing to ask Redis.
+            let result = match cache.get(lead.key()) {
+                Some(value) => Ok(Some(value)),
+                None => {
+                    metrics.refreshes.inc();
+                    fetch(&*backend, &cache, &lead, hint)
+                }
+            };
+            if let Err(e) = &result {
+                log::debug!("background refresh failed: {e}");
+            }
+            lead.land(result);
+        });
+        drop(spawned);
     }
 
     /// Reads several keys: hits from the cache, all misses from Redis in one
@@ -192,18 +311,11 @@ impl<B: Redis> Proxy<B> {
         Snapshot {
             cache: self.cache.stats(),
             cache_entries: self.cache.len(),
+            cache_bytes: self.cache.bytes(),
             cache_capacity: self.cache.capacity(),
             backend: self.backend.stats(),
             tracking: self.coherence.tracking(),
         }
-    }
-
-    fn fetch(&self, lead: &Lead<'_, FlightResult>, hint: usize) -> FlightResult {
-        let Some(bytes) = self.backend.get(lead.key(), hint)? else {
-            return Ok(None);
-        };
-        fits(bytes.len())?;
-        Ok(Some(lead.fill(&bytes)))
     }
 
     fn uncached_get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
@@ -215,10 +327,45 @@ impl<B: Redis> Proxy<B> {
     }
 }
 
-fn miss(value: Option<Value>) -> Lookup {
+/// One Redis GET for the flight `lead` holds, and its fill.
+fn fetch<B: Redis + ?Sized>(
+    backend: &B,
+    cache: &Cache,
+    lead: &Lead<FlightResult>,
+    hint: usize,
+) -> FlightResult {
+    let result = backend.get(lead.key(), hint);
+    match result {
+        Ok(Some(bytes)) => {
+            fits(bytes.len())?;
+            Ok(Some(lead.fill(&bytes)))
+        }
+        // The key is gone (or holds another type): an expired entry kept
+        // for stale answers must not answer it later.
+        Ok(None) => {
+            if cache.keeps_expired() {
+                cache.remove(lead.key());
+            }
+            Ok(None)
+        }
+        Err(e @ BackendError::Reply(_)) => {
+            if cache.keeps_expired() {
+                cache.remove(lead.key());
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn answer(value: Option<Value>, source: Source) -> Lookup {
+    Lookup { value, source }
+}
+
+fn hit(value: Value, source: Source) -> Lookup {
     Lookup {
-        value,
-        source: Source::Miss,
+        value: Some(value),
+        source,
     }
 }
 

@@ -658,13 +658,20 @@ fn info_text(shared: &RespShared) -> String {
         shared.clients.max()
     ));
     s.push_str("\r\n# Stats\r\n");
-    let rows: [(&str, u64); 14] = [
+    let rows: [(&str, u64); 18] = [
         ("cache_hits_total", m.hits.get()),
         ("cache_misses_total", m.misses.get()),
         ("cache_coalesced_total", m.coalesced.get()),
         ("cache_evictions_lru_total", cs.evictions_lru.load(Relaxed)),
         ("cache_evictions_ttl_total", cs.evictions_ttl.load(Relaxed)),
         ("cache_entries", snapshot.cache_entries as u64),
+        ("cache_bytes", snapshot.cache_bytes as u64),
+        (
+            "cache_stale_served_revalidate_total",
+            m.stale_revalidate.get(),
+        ),
+        ("cache_stale_served_error_total", m.stale_error.get()),
+        ("cache_refreshes_total", m.refreshes.get()),
         ("redis_requests_total", bs.requests.load(Relaxed)),
         (
             "redis_errors_unavailable_total",
