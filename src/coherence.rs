@@ -117,6 +117,14 @@ pub enum Join<R> {
     Follower(Arc<Flight<R>>),
 }
 
+impl<R> Join<R> {
+    /// True for the leader (no fetch of the key was in flight).
+    #[cfg(test)]
+    pub(crate) fn is_leader(&self) -> bool {
+        matches!(self, Join::Leader(_))
+    }
+}
+
 /// The leader's hold on a flight. Dropping it (return or panic) removes the
 /// flight from the table, then wakes the waiters. It owns a handle to the
 /// state, so a background refresh can carry it into its own coroutine.

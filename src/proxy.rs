@@ -391,12 +391,14 @@ mod tests {
     use super::*;
     use crate::backend::{BackendStats, GetResult};
     use crate::cache::SystemClock;
+    use crate::cache::{Limits, MockClock};
     use crate::coherence::Freshness;
     use crate::config::RedisTarget;
     use crate::tracking::Tracking;
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     type Hook = Box<dyn FnMut(&Mutex<HashMap<Vec<u8>, Vec<u8>>>) + Send>;
 
@@ -407,6 +409,10 @@ mod tests {
     struct FakeRedis {
         store: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
         during: Mutex<Option<Hook>>,
+        /// While set, every GET fails with this error.
+        failing: Mutex<Option<BackendError>>,
+        /// GETs received.
+        gets: AtomicUsize,
         stats: BackendStats,
     }
 
@@ -435,6 +441,10 @@ mod tests {
 
     impl Redis for FakeRedis {
         fn get(&self, key: &[u8], _hint: usize) -> Result<Option<Vec<u8>>, BackendError> {
+            self.gets.fetch_add(1, AtomicOrdering::SeqCst);
+            if let Some(e) = self.failing.lock().unwrap().clone() {
+                return Err(e);
+            }
             let read = self.store.lock().unwrap().get(key).cloned();
             self.reply_travels();
             Ok(read)
@@ -637,5 +647,212 @@ mod tests {
             }
             other => panic!("expected a reply error, got {other:?}"),
         }
+    }
+
+    const TTL: Duration = Duration::from_millis(100);
+
+    /// A core over a fake Redis and a mock clock, answering stale within
+    /// `stale`; tracking on with its listener up when `tracking`.
+    fn stale_core(
+        stale: Stale,
+        tracking: bool,
+    ) -> (
+        Arc<Proxy<Arc<FakeRedis>>>,
+        Arc<FakeRedis>,
+        Arc<CoreCoherence>,
+        Arc<MockClock>,
+    ) {
+        let clock = Arc::new(MockClock::default());
+        let cache = Arc::new(Cache::new(16, TTL, clock.clone()).with_limits(Limits {
+            grace: stale.grace(),
+            ..Limits::default()
+        }));
+        let metrics = Arc::new(Metrics::default());
+        let coherence = Arc::new(Coherence::new(cache, metrics.clone(), tracking));
+        if tracking {
+            coherence.listener_up(1);
+        }
+        let redis = Arc::new(FakeRedis::default());
+        let proxy =
+            Arc::new(Proxy::new(redis.clone(), metrics, coherence.clone()).with_stale(stale));
+        (proxy, redis, coherence, clock)
+    }
+
+    fn if_error(ms: u64) -> Stale {
+        Stale {
+            if_error: Duration::from_millis(ms),
+            ..Stale::default()
+        }
+    }
+
+    fn fail(redis: &FakeRedis, error: Option<BackendError>) {
+        *redis.failing.lock().unwrap() = error;
+    }
+
+    /// Redis down or timing out: an entry expired no longer ago than the
+    /// window answers (as a stale hit), an older one and a never-cached key
+    /// get the error.
+    #[test]
+    fn stale_if_error_answers_recently_expired_entries() {
+        let (proxy, redis, _, clock) = stale_core(if_error(50), false);
+        redis.put(b"k", b"old");
+        assert_eq!(read(&proxy, b"k").1, Source::Miss);
+        clock.advance(Duration::from_millis(120));
+        proxy.cache.sweep();
+        fail(&redis, Some(BackendError::Unavailable("refused".into())));
+        assert_eq!(
+            read(&proxy, b"k"),
+            (Some(b"old".to_vec()), Source::StaleHit)
+        );
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(
+            read(&proxy, b"k"),
+            (Some(b"old".to_vec()), Source::StaleHit)
+        );
+        assert_eq!(proxy.metrics.stale_error.get(), 2);
+        assert_eq!(proxy.get(b"never", 0).unwrap_err(), BackendError::Timeout);
+        clock.advance(Duration::from_millis(30));
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+        // A Redis error reply is an answer, not a failure: never masked.
+        fail(&redis, Some(BackendError::Reply("WRONGTYPE".into())));
+        assert!(matches!(proxy.get(b"k", 0), Err(BackendError::Reply(_))));
+    }
+
+    /// Without the setting an expired entry is never answered.
+    #[test]
+    fn stale_if_error_is_off_by_default() {
+        let (proxy, redis, _, clock) = stale_core(Stale::default(), false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        clock.advance(Duration::from_millis(101));
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// Invalidated, written, deleted, flushed and found-absent entries are
+    /// never answered stale.
+    #[test]
+    fn removed_entries_are_never_served_stale() {
+        let (proxy, redis, coherence, clock) = stale_core(if_error(1000), true);
+        for k in [&b"inv"[..], b"set", b"del", b"gone"] {
+            redis.put(k, b"old");
+            read(&proxy, k);
+        }
+        clock.advance(Duration::from_millis(150));
+        coherence.invalidate(b"inv");
+        proxy.set(b"set", b"new", &[], 0).unwrap();
+        proxy.del(&[b"del"], 0).unwrap();
+        // Redis says the key is gone: the kept entry goes too.
+        redis.store.lock().unwrap().remove(&b"gone"[..]);
+        assert_eq!(read(&proxy, b"gone"), (None, Source::Miss));
+        fail(&redis, Some(BackendError::Timeout));
+        for k in [&b"inv"[..], b"set", b"del", b"gone"] {
+            assert_eq!(proxy.get(k, 0).unwrap_err(), BackendError::Timeout, "{k:?}");
+        }
+        fail(&redis, None);
+        redis.put(b"f", b"old");
+        read(&proxy, b"f");
+        clock.advance(Duration::from_millis(150));
+        coherence.flush();
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(proxy.get(b"f", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// With tracking on and its listener down nothing is served stale, even
+    /// an entry still held when the listener went down.
+    #[test]
+    fn listener_down_serves_nothing_stale() {
+        let (proxy, redis, coherence, clock) = stale_core(if_error(1000), true);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        clock.advance(Duration::from_millis(150));
+        fail(&redis, Some(BackendError::Timeout));
+        // Stop using the cache without the flush listener_down would do, to
+        // see that the core itself refuses stale answers in `Down`.
+        coherence.listener_up(-1);
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+        coherence.listener_up(2);
+        assert_eq!(read(&proxy, b"k").1, Source::StaleHit);
+        coherence.listener_down();
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// Polls `done` for up to 5 s.
+    fn eventually(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// 50 reads of a key just past its TTL: one background GET, all 50
+    /// answered at once with the old value, then the new value, whose age
+    /// starts at the refresh.
+    #[test]
+    fn stale_while_revalidate_refreshes_once() {
+        let stale = Stale {
+            revalidate: Duration::from_millis(1000),
+            ..Stale::default()
+        };
+        let (proxy, redis, _, clock) = stale_core(stale, false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        redis.put(b"k", b"new");
+        clock.advance(Duration::from_millis(101));
+        // The refresh's GET is held until all 50 reads are answered.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        redis.during_next_get(move |_| {
+            held.lock().unwrap().recv().ok();
+        });
+        for _ in 0..50 {
+            assert_eq!(
+                read(&proxy, b"k"),
+                (Some(b"old".to_vec()), Source::StaleHit)
+            );
+        }
+        release.send(()).unwrap();
+        eventually(|| read(&proxy, b"k").1 == Source::Hit);
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Hit));
+        assert_eq!(
+            redis.gets.load(AtomicOrdering::SeqCst),
+            2,
+            "one miss, one refresh"
+        );
+        assert_eq!(proxy.metrics.refreshes.get(), 1);
+        assert!(proxy.metrics.stale_revalidate.get() >= 50);
+        clock.advance(Duration::from_millis(99));
+        assert_eq!(
+            read(&proxy, b"k").1,
+            Source::Hit,
+            "the refresh reset the age"
+        );
+    }
+
+    /// An invalidation while the background refresh is in flight: the
+    /// refreshed value is not kept (the flight's stale mark, as for a miss).
+    #[test]
+    fn invalidation_during_a_refresh_is_not_cached() {
+        let stale = Stale {
+            revalidate: Duration::from_millis(1000),
+            ..Stale::default()
+        };
+        let (proxy, redis, coherence, clock) = stale_core(stale, true);
+        redis.put(b"k", b"v1");
+        read(&proxy, b"k");
+        redis.put(b"k", b"v2");
+        clock.advance(Duration::from_millis(101));
+        let (done, landed) = std::sync::mpsc::channel::<()>();
+        let done = Mutex::new(done);
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"v3".to_vec());
+            coherence.invalidate(b"k");
+            done.lock().unwrap().send(()).ok();
+        });
+        assert_eq!(read(&proxy, b"k").1, Source::StaleHit);
+        landed.recv_timeout(Duration::from_secs(5)).unwrap();
+        eventually(|| proxy.coherence.join(b"k", 0).is_leader());
+        assert_eq!(read(&proxy, b"k"), (Some(b"v3".to_vec()), Source::Miss));
     }
 }
