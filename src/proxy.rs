@@ -651,17 +651,16 @@ mod tests {
 
     const TTL: Duration = Duration::from_millis(100);
 
-    /// A core over a fake Redis and a mock clock, answering stale within
-    /// `stale`; tracking on with its listener up when `tracking`.
-    fn stale_core(
-        stale: Stale,
-        tracking: bool,
-    ) -> (
+    type StaleCore = (
         Arc<Proxy<Arc<FakeRedis>>>,
         Arc<FakeRedis>,
         Arc<CoreCoherence>,
         Arc<MockClock>,
-    ) {
+    );
+
+    /// A core over a fake Redis and a mock clock, answering stale within
+    /// `stale`; tracking on with its listener up when `tracking`.
+    fn stale_core(stale: Stale, tracking: bool) -> StaleCore {
         let clock = Arc::new(MockClock::default());
         let cache = Arc::new(Cache::new(16, TTL, clock.clone()).with_limits(Limits {
             grace: stale.grace(),
