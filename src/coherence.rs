@@ -36,6 +36,13 @@
 //! still `g` and the state serves the cache; for a multi-key read, the epoch
 //! is still `e` (it cannot tell which keys changed), the generation is still
 //! `g` and the state serves the cache.
+//!
+//! Stale answers (the core's stale-while-revalidate and stale-if-error) add
+//! no state here: an entry kept past its TTL is an ordinary cache entry, so
+//! `invalidate` and `flush` remove it like any other, a background refresh
+//! is an ordinary `Lead` (moved into its own coroutine, which is why a lead
+//! owns an `Arc` of this state), and the core serves nothing stale unless
+//! [`usable`](Coherence::usable) says the cache may be used.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -213,6 +220,13 @@ impl<R> Coherence<R> {
                 })
             }
         }
+    }
+
+    /// Whether a fetch of `key` is in flight now (a hint: it may land at
+    /// once). Takes a shard read lock and allocates nothing, so the many
+    /// stale hits of a key being refreshed need not all [`join`](Self::join).
+    pub fn in_flight(&self, key: &[u8]) -> bool {
+        self.flights.contains_key(key)
     }
 
     /// Drops `key` from the cache, and keeps a fetch in flight for it from

@@ -195,6 +195,9 @@ impl<B: Redis + 'static> Proxy<B> {
     /// Starts one background GET of `key` unless a fetch of it is already
     /// in flight; never waits for it.
     fn refresh(&self, key: &[u8], generation: u64, hint: usize) {
+        if self.coherence.in_flight(key) {
+            return;
+        }
         let Join::Leader(lead) = self.coherence.join(key, generation) else {
             return;
         };
