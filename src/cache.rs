@@ -25,6 +25,15 @@
 //! insertion order: the sweeper pops the head of the insertion list until it
 //! finds a live entry, O(expired) per sweep. Reads also check age lazily, so
 //! an entry is never served once `age >= ttl`, swept or not.
+//!
+//! # Byte bound and stale entries
+//! [`Limits`] adds a bound on the key + value bytes held (`Order::bytes`, the
+//! sum of [`Value::size`] over the entries, kept under the order lock from
+//! the lengths already in each entry's header, so entries do not grow) and a
+//! grace period: an expired entry is kept, not swept, until
+//! `age >= ttl + grace`, so the core can still answer it stale
+//! ([`Cache::get_stale`]) while [`Cache::get`] treats it as gone. Removals
+//! (`remove`, `clear`) are real removals: a removed key is never served stale.
 
 mod entry;
 
@@ -39,6 +48,17 @@ use crossbeam_channel::{Receiver, Sender, TrySendError};
 use dashmap::DashMap;
 
 pub use entry::{Value, MAX_VALUE_BYTES};
+
+/// Bounds beyond the key count, all off by default.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Limits {
+    /// Bound on key + value bytes held; 0 = none.
+    pub max_bytes: usize,
+    /// Values longer than this are never cached; 0 = any.
+    pub max_value_bytes: usize,
+    /// How long past the TTL an expired entry is kept for stale answers.
+    pub grace: Duration,
+}
 
 /// Capacity of the lossy read buffer (hits waiting to be applied to the order).
 pub const READ_BUFFER: usize = 1024;
@@ -256,6 +276,8 @@ struct Order {
     free: u32,
     /// Keys held (the map's length, without taking all its shard locks).
     len: usize,
+    /// Key + value bytes held: the sum of [`Value::size`] over the entries.
+    bytes: usize,
     /// Scratch space for merging the read stripes.
     pending: Vec<Read>,
     /// Most recently read.
@@ -274,6 +296,7 @@ impl Order {
             nodes: Slab::default(),
             free: NIL,
             len: 0,
+            bytes: 0,
             pending: Vec::new(),
             lru_head: NIL,
             lru_tail: NIL,
@@ -292,6 +315,7 @@ impl Order {
             }
         };
         self.len += 1;
+        self.bytes += entry.size();
         self.nodes[idx].entry = Some(entry);
         self.lru_push_front(idx);
         self.ttl_push_back(idx);
@@ -306,6 +330,7 @@ impl Order {
         self.nodes[idx].lru_next = self.free;
         self.free = idx;
         self.len -= 1;
+        self.bytes -= entry.size();
         Some(entry)
     }
 
@@ -397,6 +422,12 @@ pub struct Cache {
     reads: Vec<(Sender<Read>, Receiver<Read>)>,
     capacity: usize,
     ttl: u64,
+    /// Byte bound; `usize::MAX` when off.
+    max_bytes: usize,
+    /// Longest value cached; `usize::MAX` when off.
+    max_value_bytes: usize,
+    /// Expired entries are removed once `age >= keep` (TTL + grace).
+    keep: u64,
     clock: Arc<dyn Clock>,
     stats: CacheStats,
 }
@@ -405,6 +436,7 @@ impl Cache {
     /// A cache of at most `capacity` keys whose entries live for `ttl`.
     /// `capacity == 0` caches nothing.
     pub fn new(capacity: usize, ttl: Duration, clock: Arc<dyn Clock>) -> Self {
+        let ttl = ttl.as_nanos().min(u64::MAX as u128) as u64;
         Cache {
             map: DashMap::new(),
             order: Mutex::new(Order::new()),
@@ -412,10 +444,40 @@ impl Cache {
                 .map(|_| crossbeam_channel::bounded(READ_BUFFER))
                 .collect(),
             capacity,
-            ttl: ttl.as_nanos().min(u64::MAX as u128) as u64,
+            ttl,
+            max_bytes: usize::MAX,
+            max_value_bytes: usize::MAX,
+            keep: ttl,
             clock,
             stats: CacheStats::default(),
         }
+    }
+
+    /// The same cache with byte bounds and a grace period for stale entries.
+    pub fn with_limits(mut self, limits: Limits) -> Self {
+        let off = |n: usize| if n == 0 { usize::MAX } else { n };
+        self.max_bytes = off(limits.max_bytes);
+        self.max_value_bytes = off(limits.max_value_bytes);
+        let grace = limits.grace.as_nanos().min(u64::MAX as u128) as u64;
+        self.keep = self.ttl.saturating_add(grace);
+        self
+    }
+
+    /// Whether expired entries are kept for a grace period.
+    pub fn keeps_expired(&self) -> bool {
+        self.keep > self.ttl
+    }
+
+    /// Key + value bytes held now, expired-but-kept entries included.
+    /// Takes the order lock: for scrapes and tests, not the hit path.
+    pub fn bytes(&self) -> usize {
+        self.lock_order().bytes
+    }
+
+    /// Whether a value of `len` bytes under `key_len` key bytes would be
+    /// cached at all (capacity, value bound, byte bound).
+    pub fn admits(&self, key_len: usize, len: usize) -> bool {
+        self.capacity > 0 && len <= self.max_value_bytes && key_len + len <= self.max_bytes
     }
 
     /// Maximum number of keys held.
@@ -442,14 +504,28 @@ impl Cache {
     /// Records the read for the recency order; takes no global lock unless
     /// the read buffer needs draining and the lock is free.
     pub fn get(&self, key: &[u8]) -> Option<Value> {
+        self.read(key, self.ttl).map(|(value, _)| value)
+    }
+
+    /// The value for `key` if it is cached and younger than the TTL plus
+    /// `window` (at most the grace given in [`Limits`]: older entries are
+    /// gone), and whether it is past the TTL. Records the read as `get` does.
+    pub fn get_stale(&self, key: &[u8], window: Duration) -> Option<(Value, bool)> {
+        let window = window.as_nanos().min(u64::MAX as u128) as u64;
+        self.read(key, self.ttl.saturating_add(window))
+    }
+
+    #[inline]
+    fn read(&self, key: &[u8], limit: u64) -> Option<(Value, bool)> {
         let now = self.clock.now();
-        let value = {
+        let (value, stale) = {
             let found = self.map.get(key)?;
             let entry = &found.key().0;
-            if now.saturating_sub(entry.born()) >= self.ttl {
+            let age = now.saturating_sub(entry.born());
+            if age >= limit {
                 return None;
             }
-            entry.clone()
+            (entry.clone(), age >= self.ttl)
         };
         // Pushed while `value` is held: see `Read` for why that matters.
         let read = Read {
@@ -469,13 +545,15 @@ impl Cache {
                 self.drain_reads(&mut order);
             }
         }
-        Some(value)
+        Some((value, stale))
     }
 
     /// Caches `value` under `key`, replacing any older entry, and returns the
-    /// shared copy. Expired entries go first; then, while full, the least
-    /// recently read key is evicted. The bytes are copied before the order
-    /// lock is taken.
+    /// shared copy. Expired entries go first; then, while the key count or
+    /// the byte bound leaves no room, the least recently read key is
+    /// evicted. A value the limits do not admit ([`Cache::admits`]) is
+    /// returned uncached, and any older entry for the key is dropped. The
+    /// bytes are copied before the order lock is taken.
     ///
     /// # Panics
     /// If `value` is longer than [`MAX_VALUE_BYTES`].
@@ -485,14 +563,22 @@ impl Cache {
         if self.capacity == 0 {
             return entry;
         }
+        let admitted = self.admits(key.len(), value.len());
         let mut order = self.lock_order();
         self.drain_reads(&mut order);
         let now = self.clock.now();
         if let Some((old, ())) = self.map.remove(key) {
             order.release(old.0.node());
         }
+        if !admitted {
+            // The old value is older than what Redis just said: not kept.
+            return entry;
+        }
         self.expire(&mut order, now);
-        while order.len >= self.capacity && order.lru_tail != NIL {
+        let size = entry.size();
+        while (order.len >= self.capacity || order.bytes + size > self.max_bytes)
+            && order.lru_tail != NIL
+        {
             // Linked nodes always hold an entry; stop rather than spin if not.
             let tail = order.lru_tail;
             let Some(victim) = order.release(tail) else {
@@ -534,7 +620,8 @@ impl Cache {
         }
     }
 
-    /// Removes every entry whose age has reached the TTL; returns how many.
+    /// Removes every entry whose age has reached the TTL plus the grace
+    /// period; returns how many.
     /// Costs O(expired): entries expire in insertion order.
     pub fn sweep(&self) -> usize {
         let mut order = self.lock_order();
@@ -605,7 +692,7 @@ impl Cache {
             let Some(born) = order.nodes[idx].entry.as_ref().map(Value::born) else {
                 break;
             };
-            if now.saturating_sub(born) < self.ttl {
+            if now.saturating_sub(born) < self.keep {
                 break;
             }
             if let Some(entry) = order.release(idx) {
@@ -906,5 +993,179 @@ mod tests {
         }
         c.sweep();
         assert!(c.is_empty());
+    }
+
+    fn bounded(capacity: usize, limits: Limits) -> (Cache, Arc<MockClock>) {
+        let clock = Arc::new(MockClock::default());
+        let cache =
+            Cache::new(capacity, Duration::from_millis(100), clock.clone()).with_limits(limits);
+        (cache, clock)
+    }
+
+    /// Sum of `size` over the entries, walked through the recency list.
+    fn bytes_by_walk(c: &Cache) -> usize {
+        c.entries_lru_first().iter().map(Value::size).sum()
+    }
+
+    /// Random inserts, reads, removals and clock moves with random sizes:
+    /// after every operation the byte bound and the key count hold, and the
+    /// byte count is exactly the sum over the entries held.
+    #[test]
+    fn byte_bound_property() {
+        const BOUND: usize = 4096;
+        let (c, clock) = bounded(
+            32,
+            Limits {
+                max_bytes: BOUND,
+                max_value_bytes: 2048,
+                grace: Duration::from_millis(50),
+            },
+        );
+        let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+        let mut next = || {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x
+        };
+        let rounds = if cfg!(miri) { 300 } else { 20_000 };
+        for _ in 0..rounds {
+            let r = next();
+            let k = format!("k{}", r % 64);
+            match r % 16 {
+                0..=7 => {
+                    // Sizes from 0 to past the value bound and the byte bound.
+                    let len = match (r >> 8) % 4 {
+                        0 => (r >> 16) as usize % 16,
+                        1 => (r >> 16) as usize % 512,
+                        2 => (r >> 16) as usize % 2100,
+                        _ => (r >> 16) as usize % (BOUND + 64),
+                    };
+                    let v = c.insert(k.as_bytes(), &vec![b'v'; len]);
+                    assert_eq!(v.len(), len, "the value is answered either way");
+                    if len > 2048 {
+                        assert!(c.get(k.as_bytes()).is_none(), "over the value bound");
+                    }
+                }
+                8..=11 => {
+                    c.get(k.as_bytes());
+                }
+                12 => {
+                    c.remove(k.as_bytes());
+                }
+                13 | 14 => clock.advance(Duration::from_millis((r >> 8) % 30)),
+                _ => {
+                    c.sweep();
+                }
+            }
+            let bytes = c.bytes();
+            assert!(bytes <= BOUND, "{bytes} bytes held");
+            assert!(c.len() <= 32);
+            assert_eq!(bytes, bytes_by_walk(&c));
+            assert_eq!(c.len(), c.entries_lru_first().len());
+        }
+        c.clear();
+        assert_eq!(c.bytes(), 0);
+    }
+
+    /// An insert evicts least recently read keys until the new one fits.
+    #[test]
+    fn byte_bound_evicts_least_recently_read() {
+        let (c, _) = bounded(
+            100,
+            Limits {
+                max_bytes: 30,
+                ..Limits::default()
+            },
+        );
+        c.insert(b"a", &[0; 9]);
+        c.insert(b"b", &[0; 9]);
+        c.insert(b"c", &[0; 9]);
+        c.get(b"a");
+        // 11 more bytes: b (least recently read) goes, then c; a stays.
+        c.insert(b"d", &[0; 10]);
+        assert_eq!(names(c.entries_lru_first()), ["a", "d"]);
+        assert_eq!(c.bytes(), 21);
+        assert_eq!(c.stats().evictions_lru.load(Ordering::Relaxed), 2);
+    }
+
+    /// A value larger than the byte bound or the value bound is answered
+    /// but not cached, and the key's older entry is dropped.
+    #[test]
+    fn oversize_values_are_not_cached() {
+        let (c, _) = bounded(
+            100,
+            Limits {
+                max_bytes: 100,
+                max_value_bytes: 50,
+                ..Limits::default()
+            },
+        );
+        c.insert(b"k", b"small");
+        c.insert(b"other", b"x");
+        assert_eq!(c.insert(b"k", &[1; 51]).len(), 51);
+        assert!(c.get(b"k").is_none(), "old value dropped, new not kept");
+        assert!(c.get(b"other").is_some(), "nothing evicted for it");
+        let (c, _) = bounded(
+            100,
+            Limits {
+                max_bytes: 100,
+                ..Limits::default()
+            },
+        );
+        c.insert(b"k", &[1; 100]);
+        assert!(c.get(b"k").is_none(), "key + value over the bound");
+        c.insert(b"k", &[1; 99]);
+        assert_eq!(c.bytes(), 100, "exactly the bound fits");
+    }
+
+    /// Past the TTL `get` misses, `get_stale` answers within its window,
+    /// and the sweeper keeps the entry until TTL + grace.
+    #[test]
+    fn expired_entries_are_kept_for_the_grace_period() {
+        let (c, clock) = bounded(
+            10,
+            Limits {
+                grace: Duration::from_millis(50),
+                ..Limits::default()
+            },
+        );
+        c.insert(b"k", b"v");
+        assert_eq!(
+            c.get_stale(b"k", Duration::from_millis(50)).map(|v| v.1),
+            Some(false)
+        );
+        clock.advance(Duration::from_millis(120));
+        c.sweep();
+        assert!(c.get(b"k").is_none());
+        assert!(
+            c.get_stale(b"k", Duration::from_millis(10)).is_none(),
+            "past its window"
+        );
+        let (v, stale) = c.get_stale(b"k", Duration::from_millis(50)).unwrap();
+        assert_eq!((&*v, stale), (&b"v"[..], true));
+        clock.advance(Duration::from_millis(30));
+        assert_eq!(c.sweep(), 1);
+        assert!(c.get_stale(b"k", Duration::from_millis(50)).is_none());
+        assert!(c.is_empty());
+    }
+
+    /// A removed entry is gone for stale reads too.
+    #[test]
+    fn removed_entries_are_never_stale() {
+        let (c, clock) = bounded(
+            10,
+            Limits {
+                grace: Duration::from_millis(50),
+                ..Limits::default()
+            },
+        );
+        c.insert(b"a", b"1");
+        c.insert(b"b", b"2");
+        clock.advance(Duration::from_millis(110));
+        c.remove(b"a");
+        assert!(c.get_stale(b"a", Duration::from_millis(50)).is_none());
+        c.clear();
+        assert!(c.get_stale(b"b", Duration::from_millis(50)).is_none());
     }
 }

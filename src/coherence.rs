@@ -36,6 +36,13 @@
 //! still `g` and the state serves the cache; for a multi-key read, the epoch
 //! is still `e` (it cannot tell which keys changed), the generation is still
 //! `g` and the state serves the cache.
+//!
+//! Stale answers (the core's stale-while-revalidate and stale-if-error) add
+//! no state here: an entry kept past its TTL is an ordinary cache entry, so
+//! `invalidate` and `flush` remove it like any other, a background refresh
+//! is an ordinary `Lead` (moved into its own coroutine, which is why a lead
+//! owns an `Arc` of this state), and the core serves nothing stale unless
+//! [`usable`](Coherence::usable) says the cache may be used.
 
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -112,15 +119,24 @@ pub struct Coherence<R> {
 }
 
 /// Whether a key's miss leads the fetch or waits for another's.
-pub enum Join<'a, R> {
-    Leader(Lead<'a, R>),
+pub enum Join<R> {
+    Leader(Lead<R>),
     Follower(Arc<Flight<R>>),
 }
 
+impl<R> Join<R> {
+    /// True for the leader (no fetch of the key was in flight).
+    #[cfg(test)]
+    pub(crate) fn is_leader(&self) -> bool {
+        matches!(self, Join::Leader(_))
+    }
+}
+
 /// The leader's hold on a flight. Dropping it (return or panic) removes the
-/// flight from the table, then wakes the waiters.
-pub struct Lead<'a, R> {
-    coherence: &'a Coherence<R>,
+/// flight from the table, then wakes the waiters. It owns a handle to the
+/// state, so a background refresh can carry it into its own coroutine.
+pub struct Lead<R> {
+    coherence: Arc<Coherence<R>>,
     key: Key,
     flight: Arc<Flight<R>>,
     generation: u64,
@@ -185,7 +201,7 @@ impl<R> Coherence<R> {
 
     /// Registers a miss on `key` seen at `generation`: the first caller
     /// leads, later ones follow until the leader lands.
-    pub fn join(&self, key: &[u8], generation: u64) -> Join<'_, R> {
+    pub fn join(self: &Arc<Self>, key: &[u8], generation: u64) -> Join<R> {
         let key: Key = Arc::from(key);
         match self.flights.entry(key.clone()) {
             Entry::Occupied(e) => Join::Follower(e.get().clone()),
@@ -197,13 +213,20 @@ impl<R> Coherence<R> {
                 });
                 e.insert(flight.clone());
                 Join::Leader(Lead {
-                    coherence: self,
+                    coherence: self.clone(),
                     key,
                     flight,
                     generation,
                 })
             }
         }
+    }
+
+    /// Whether a fetch of `key` is in flight now (a hint: it may land at
+    /// once). Takes a shard read lock and allocates nothing, so the many
+    /// stale hits of a key being refreshed need not all [`join`](Self::join).
+    pub fn in_flight(&self, key: &[u8]) -> bool {
+        self.flights.contains_key(key)
     }
 
     /// Drops `key` from the cache, and keeps a fetch in flight for it from
@@ -230,7 +253,7 @@ impl<R> Coherence<R> {
     }
 }
 
-impl<R> Lead<'_, R> {
+impl<R> Lead<R> {
     /// The key being fetched.
     pub fn key(&self) -> &[u8] {
         &self.key
@@ -239,7 +262,7 @@ impl<R> Lead<'_, R> {
     /// Caches `bytes` for the key, unless an event since the fetch started
     /// says it may be stale; returns the value to answer with either way.
     pub fn fill(&self, bytes: &[u8]) -> Value {
-        let coherence = self.coherence;
+        let coherence = &self.coherence;
         let value = coherence.cache.insert(&self.key, bytes);
         if self.flight.stale.load(Ordering::SeqCst)
             || coherence.generation.load(Ordering::SeqCst) != self.generation
@@ -256,7 +279,7 @@ impl<R> Lead<'_, R> {
     }
 }
 
-impl<R> Drop for Lead<'_, R> {
+impl<R> Drop for Lead<R> {
     fn drop(&mut self) {
         self.coherence.flights.remove(&self.key);
         self.flight.done.fire();
@@ -306,16 +329,20 @@ mod tests {
     use crate::cache::SystemClock;
     use std::time::Duration;
 
-    fn state(tracking: bool) -> Coherence<u32> {
+    fn state(tracking: bool) -> Arc<Coherence<u32>> {
         let cache = Arc::new(Cache::new(
             16,
             Duration::from_secs(60),
             Arc::new(SystemClock::default()),
         ));
-        Coherence::new(cache, Arc::new(Metrics::default()), tracking)
+        Arc::new(Coherence::new(
+            cache,
+            Arc::new(Metrics::default()),
+            tracking,
+        ))
     }
 
-    fn lead<'a>(c: &'a Coherence<u32>, key: &[u8]) -> Lead<'a, u32> {
+    fn lead(c: &Arc<Coherence<u32>>, key: &[u8]) -> Lead<u32> {
         match c.join(key, c.generation()) {
             Join::Leader(lead) => lead,
             Join::Follower(_) => panic!("expected to lead"),

@@ -59,6 +59,9 @@ pub const MAX_KEY_BYTES: usize = 64 * 1024;
 /// Largest HTTP request head (request line and headers).
 pub const MAX_HEAD_BYTES: usize = 128 * 1024;
 
+/// Largest stale window accepted (`CACHE_STALE_*_MS`): 30 days, as the TTL.
+pub const MAX_CACHE_STALE_MS: u64 = MAX_CACHE_TTL_MS;
+
 /// Environment variables the binary reads; used to treat empty values as unset.
 pub const ENV_NAMES: &[&str] = &[
     "REDIS_URL",
@@ -80,6 +83,10 @@ pub const ENV_NAMES: &[&str] = &[
     "PROXY_SHUTDOWN_GRACE_MS",
     "RESP_MAX_REQUEST_BYTES",
     "PROXY_MAX_BUFFER_BYTES",
+    "CACHE_STALE_WHILE_REVALIDATE_MS",
+    "CACHE_STALE_IF_ERROR_MS",
+    "CACHE_MAX_BYTES",
+    "CACHE_MAX_VALUE_BYTES",
 ];
 
 /// How the cache learns that Redis changed a key.
@@ -186,6 +193,28 @@ pub struct Config {
     #[arg(long, env = "PROXY_MAX_BUFFER_BYTES", default_value_t = DEFAULT_MAX_BUFFER_BYTES,
           value_parser = ranged::<u64>("PROXY_MAX_BUFFER_BYTES", MIN_BUFFER_BYTES, MAX_BUFFER_BYTES))]
     pub max_buffer_bytes: u64,
+
+    /// Past the TTL, a hit answers the old value for this long (ms) while
+    /// one background GET refreshes it; 0 = off.
+    #[arg(long, env = "CACHE_STALE_WHILE_REVALIDATE_MS", default_value_t = 0,
+          value_parser = ranged::<u64>("CACHE_STALE_WHILE_REVALIDATE_MS", 0, MAX_CACHE_STALE_MS))]
+    pub cache_stale_while_revalidate_ms: u64,
+
+    /// Past the TTL, the old value answers for this long (ms) when Redis
+    /// fails (unavailable or timeout); 0 = off.
+    #[arg(long, env = "CACHE_STALE_IF_ERROR_MS", default_value_t = 0,
+          value_parser = ranged::<u64>("CACHE_STALE_IF_ERROR_MS", 0, MAX_CACHE_STALE_MS))]
+    pub cache_stale_if_error_ms: u64,
+
+    /// Bound on cached key + value bytes; 0 = no byte bound.
+    #[arg(long, env = "CACHE_MAX_BYTES", default_value_t = 0,
+          value_parser = ranged::<usize>("CACHE_MAX_BYTES", 0, usize::MAX))]
+    pub cache_max_bytes: usize,
+
+    /// Values longer than this (bytes) are served but never cached; 0 = any.
+    #[arg(long, env = "CACHE_MAX_VALUE_BYTES", default_value_t = 0,
+          value_parser = ranged::<usize>("CACHE_MAX_VALUE_BYTES", 0, usize::MAX))]
+    pub cache_max_value_bytes: usize,
 }
 
 impl Default for Config {
@@ -207,6 +236,10 @@ impl Default for Config {
             shutdown_grace_ms: DEFAULT_SHUTDOWN_GRACE_MS,
             resp_max_request_bytes: DEFAULT_RESP_MAX_REQUEST_BYTES,
             max_buffer_bytes: DEFAULT_MAX_BUFFER_BYTES,
+            cache_stale_while_revalidate_ms: 0,
+            cache_stale_if_error_ms: 0,
+            cache_max_bytes: 0,
+            cache_max_value_bytes: 0,
         }
     }
 }

@@ -268,6 +268,12 @@ pub struct Metrics {
     pub misses: Counter,
     /// Misses that waited for another request's Redis GET instead of sending their own.
     pub coalesced: Counter,
+    /// Answers past the TTL while a background GET refreshes the key.
+    pub stale_revalidate: Counter,
+    /// Answers past the TTL because Redis failed.
+    pub stale_error: Counter,
+    /// Background GETs started by stale-while-revalidate.
+    pub refreshes: Counter,
     /// Client connections open now.
     pub clients_connected: AtomicI64,
     /// Client connections refused because of the limit.
@@ -359,6 +365,7 @@ impl Metrics {
 pub struct Snapshot<'a> {
     pub cache: &'a CacheStats,
     pub cache_entries: usize,
+    pub cache_bytes: usize,
     pub cache_capacity: usize,
     pub backend: &'a BackendStats,
     pub tracking: bool,
@@ -519,6 +526,38 @@ pub const COUNTERS: &[Def] = &[
         shown: Shown::Always,
         redis_names: &[],
         read: Read::One(|_, s| s.cache_entries as u64),
+    },
+    Def {
+        name: "cache_bytes",
+        help: "Key and value bytes in the cache now.",
+        kind: Kind::Gauge,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|_, s| s.cache_bytes as u64),
+    },
+    Def {
+        name: "cache_stale_served_total",
+        help: "Answers given from entries past their TTL, by reason.",
+        kind: Kind::Counter,
+        labels: &["reason"],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::Labelled(|m, _| {
+            vec![
+                (["revalidate", ""], m.stale_revalidate.get()),
+                (["error", ""], m.stale_error.get()),
+            ]
+        }),
+    },
+    Def {
+        name: "cache_refreshes_total",
+        help: "Background GETs started by stale-while-revalidate.",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|m, _| m.refreshes.get()),
     },
     Def {
         name: "redis_requests_total",
@@ -754,6 +793,7 @@ mod tests {
         let snapshot = Snapshot {
             cache: &cache,
             cache_entries: 7,
+            cache_bytes: 70,
             cache_capacity: 10,
             backend: &backend,
             tracking,
@@ -799,6 +839,9 @@ mod tests {
         let (text, _) = render_both(&m, false);
         assert!(text.contains("redis_proxy_cache_hits_total 3\n"));
         assert!(text.contains("redis_proxy_cache_entries 7\n"));
+        assert!(text.contains("redis_proxy_cache_bytes 70\n"));
+        assert!(text.contains("redis_proxy_cache_stale_served_total{reason=\"error\"} 0\n"));
+        assert!(text.contains("redis_proxy_cache_refreshes_total 0\n"));
         assert!(text.contains("redis_proxy_requests_total{frontend=\"http\",status=\"200\"} 1\n"));
         assert!(text.contains("redis_proxy_requests_total{frontend=\"resp\",status=\"error\"} 1\n"));
         assert!(text.contains("redis_proxy_requests_total{frontend=\"resp\",status=\"nil\"} 0\n"));
@@ -876,6 +919,7 @@ mod tests {
         let s = Snapshot {
             cache: &cache,
             cache_entries: 0,
+            cache_bytes: 0,
             cache_capacity: 0,
             backend: &backend,
             tracking: true,

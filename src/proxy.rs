@@ -9,8 +9,27 @@
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.
+//!
+//! # Stale answers (both off by default, see [`Stale`])
+//! Past the TTL the cache keeps an entry for the longer of the two windows
+//! (its grace); `Cache::get` no longer answers it, `Cache::get_stale` does.
+//! - stale-while-revalidate: a hit within the window answers the old value
+//!   and the first one joins the flight table as the key's leader and moves
+//!   that [`Lead`] into a background coroutine that GETs and fills the key
+//!   ([`Proxy::get`] never waits for it). Being an ordinary flight, it is
+//!   single-flight with misses and guarded against invalidation races like
+//!   any fill; the fill is a new entry, so its age starts again.
+//! - stale-if-error: a miss whose GET failed with `Unavailable` or `Timeout`
+//!   answers an entry expired no longer ago than the window.
+//!
+//! Neither ever serves an entry that was invalidated, written or flushed:
+//! those are removed from the cache, not marked; and neither serves anything
+//! while coherence says the cache is unusable (tracking on, listener down).
+//! A GET that finds the key absent (or of another type) removes the stale
+//! entry, so a deleted key is not answered stale later.
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use crate::backend::{Backend, BackendError, Redis, SetReply};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
@@ -20,8 +39,37 @@ use crate::metrics::{Metrics, Snapshot};
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Source {
+    /// From the cache, within the TTL.
     Hit,
+    /// From the cache, past the TTL (stale-while-revalidate or stale-if-error).
+    StaleHit,
+    /// Read from Redis by this request.
     Miss,
+    /// Read from Redis by another request's GET that this one waited for.
+    Collapsed,
+}
+
+impl Source {
+    /// True when the answer came from the cache (`X-Cache: HIT`).
+    pub fn is_hit(self) -> bool {
+        matches!(self, Source::Hit | Source::StaleHit)
+    }
+}
+
+/// How long past the TTL an entry may still answer; zero = off.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stale {
+    /// Stale-while-revalidate window.
+    pub revalidate: Duration,
+    /// Stale-if-error window.
+    pub if_error: Duration,
+}
+
+impl Stale {
+    /// How long past the TTL the cache must keep expired entries.
+    pub fn grace(&self) -> Duration {
+        self.revalidate.max(self.if_error)
+    }
 }
 
 /// The answer to one GET: the value (or `None` when Redis has no such key).
@@ -41,20 +89,30 @@ pub type CoreCoherence = Coherence<FlightResult>;
 /// gives it another [`Redis`].
 pub struct Proxy<B: Redis = Backend> {
     cache: Arc<Cache>,
-    backend: B,
+    /// Shared with background refreshes, which outlive the request.
+    backend: Arc<B>,
     metrics: Arc<Metrics>,
     coherence: Arc<CoreCoherence>,
+    stale: Stale,
 }
 
-impl<B: Redis> Proxy<B> {
+impl<B: Redis + 'static> Proxy<B> {
     /// Wires the core over a backend and the freshness state of its cache.
     pub fn new(backend: B, metrics: Arc<Metrics>, coherence: Arc<CoreCoherence>) -> Self {
         Proxy {
             cache: coherence.cache().clone(),
-            backend,
+            backend: Arc::new(backend),
             metrics,
             coherence,
+            stale: Stale::default(),
         }
+    }
+
+    /// The same core answering stale within `stale`'s windows. The cache
+    /// must keep expired entries at least [`Stale::grace`] (its `Limits`).
+    pub fn with_stale(mut self, stale: Stale) -> Self {
+        self.stale = stale;
+        self
     }
 
     /// Reads `key`: from the cache, else with exactly one Redis GET shared by
@@ -69,36 +127,100 @@ impl<B: Redis> Proxy<B> {
             self.metrics.misses.inc();
             return self.uncached_get(key, hint);
         }
-        if let Some(value) = self.cache.get(key) {
+        if self.stale.revalidate.is_zero() {
+            if let Some(value) = self.cache.get(key) {
+                self.metrics.hits.inc();
+                return Ok(hit(value, Source::Hit));
+            }
+        } else if let Some((value, stale)) = self.cache.get_stale(key, self.stale.revalidate) {
             self.metrics.hits.inc();
-            return Ok(Lookup {
-                value: Some(value),
-                source: Source::Hit,
-            });
+            if !stale {
+                return Ok(hit(value, Source::Hit));
+            }
+            self.metrics.stale_revalidate.inc();
+            self.refresh(key, generation, hint);
+            return Ok(hit(value, Source::StaleHit));
         }
         self.metrics.misses.inc();
         if self.cache.capacity() == 0 {
             // Pass-through: every GET goes to Redis, nothing is shared.
             return self.uncached_get(key, hint);
         }
-        let lead = match self.coherence.join(key, generation) {
-            Join::Leader(lead) => lead,
+        let result = match self.coherence.join(key, generation) {
+            Join::Leader(lead) => {
+                // An earlier leader may have filled the cache between our
+                // miss and our flight: take its value rather than asking
+                // Redis again.
+                let result = match self.cache.get(key) {
+                    Some(value) => Ok(Some(value)),
+                    None => fetch(&*self.backend, &self.cache, &lead, hint),
+                };
+                lead.land(result.clone());
+                result.map(|value| answer(value, Source::Miss))
+            }
             Join::Follower(flight) => {
                 self.metrics.coalesced.inc();
-                let result = flight
+                flight
                     .wait()
-                    .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
-                return result.map(miss);
+                    .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())))
+                    .map(|value| answer(value, Source::Collapsed))
             }
         };
-        // An earlier leader may have filled the cache between our miss and
-        // our flight: take its value rather than asking Redis again.
-        let result = match self.cache.get(key) {
-            Some(value) => Ok(Some(value)),
-            None => self.fetch(&lead, hint),
+        match result {
+            Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
+                self.stale_if_error(key, e)
+            }
+            other => other,
+        }
+    }
+
+    /// Answers a failed GET with the key's entry if it expired no longer
+    /// ago than the stale-if-error window; else the error.
+    fn stale_if_error(&self, key: &[u8], error: BackendError) -> Result<Lookup, BackendError> {
+        // Re-checked: the listener may have gone down while we waited.
+        if self.stale.if_error.is_zero() || !self.coherence.usable() {
+            return Err(error);
+        }
+        match self.cache.get_stale(key, self.stale.if_error) {
+            Some((value, true)) => {
+                self.metrics.stale_error.inc();
+                Ok(hit(value, Source::StaleHit))
+            }
+            // Filled by another request since our miss.
+            Some((value, false)) => Ok(hit(value, Source::Hit)),
+            None => Err(error),
+        }
+    }
+
+    /// Starts one background GET of `key` unless a fetch of it is already
+    /// in flight; never waits for it.
+    fn refresh(&self, key: &[u8], generation: u64, hint: usize) {
+        if self.coherence.in_flight(key) {
+            return;
+        }
+        let Join::Leader(lead) = self.coherence.join(key, generation) else {
+            return;
         };
-        lead.land(result.clone());
-        result.map(miss)
+        let backend = self.backend.clone();
+        let cache = self.cache.clone();
+        let metrics = self.metrics.clone();
+        let spawned = may::go!(move || {
+            // A hit may have read the old entry just before the last refresh
+            // filled it, and led again after that flight ended: the entry is
+            // fresh now, so there is nothing to ask Redis.
+            let result = match cache.get(lead.key()) {
+                Some(value) => Ok(Some(value)),
+                None => {
+                    metrics.refreshes.inc();
+                    fetch(&*backend, &cache, &lead, hint)
+                }
+            };
+            if let Err(e) = &result {
+                log::debug!("background refresh failed: {e}");
+            }
+            lead.land(result);
+        });
+        drop(spawned);
     }
 
     /// Reads several keys: hits from the cache, all misses from Redis in one
@@ -192,18 +314,11 @@ impl<B: Redis> Proxy<B> {
         Snapshot {
             cache: self.cache.stats(),
             cache_entries: self.cache.len(),
+            cache_bytes: self.cache.bytes(),
             cache_capacity: self.cache.capacity(),
             backend: self.backend.stats(),
             tracking: self.coherence.tracking(),
         }
-    }
-
-    fn fetch(&self, lead: &Lead<'_, FlightResult>, hint: usize) -> FlightResult {
-        let Some(bytes) = self.backend.get(lead.key(), hint)? else {
-            return Ok(None);
-        };
-        fits(bytes.len())?;
-        Ok(Some(lead.fill(&bytes)))
     }
 
     fn uncached_get(&self, key: &[u8], hint: usize) -> Result<Lookup, BackendError> {
@@ -215,10 +330,45 @@ impl<B: Redis> Proxy<B> {
     }
 }
 
-fn miss(value: Option<Value>) -> Lookup {
+/// One Redis GET for the flight `lead` holds, and its fill.
+fn fetch<B: Redis + ?Sized>(
+    backend: &B,
+    cache: &Cache,
+    lead: &Lead<FlightResult>,
+    hint: usize,
+) -> FlightResult {
+    let result = backend.get(lead.key(), hint);
+    match result {
+        Ok(Some(bytes)) => {
+            fits(bytes.len())?;
+            Ok(Some(lead.fill(&bytes)))
+        }
+        // The key is gone (or holds another type): an expired entry kept
+        // for stale answers must not answer it later.
+        Ok(None) => {
+            if cache.keeps_expired() {
+                cache.remove(lead.key());
+            }
+            Ok(None)
+        }
+        Err(e @ BackendError::Reply(_)) => {
+            if cache.keeps_expired() {
+                cache.remove(lead.key());
+            }
+            Err(e)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn answer(value: Option<Value>, source: Source) -> Lookup {
+    Lookup { value, source }
+}
+
+fn hit(value: Value, source: Source) -> Lookup {
     Lookup {
-        value,
-        source: Source::Miss,
+        value: Some(value),
+        source,
     }
 }
 
@@ -244,12 +394,14 @@ mod tests {
     use super::*;
     use crate::backend::{BackendStats, GetResult};
     use crate::cache::SystemClock;
+    use crate::cache::{Limits, MockClock};
     use crate::coherence::Freshness;
     use crate::config::RedisTarget;
     use crate::tracking::Tracking;
     use std::collections::HashMap;
+    use std::sync::atomic::{AtomicUsize, Ordering as AtomicOrdering};
     use std::sync::Mutex;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     type Hook = Box<dyn FnMut(&Mutex<HashMap<Vec<u8>, Vec<u8>>>) + Send>;
 
@@ -260,6 +412,10 @@ mod tests {
     struct FakeRedis {
         store: Mutex<HashMap<Vec<u8>, Vec<u8>>>,
         during: Mutex<Option<Hook>>,
+        /// While set, every GET fails with this error.
+        failing: Mutex<Option<BackendError>>,
+        /// GETs received.
+        gets: AtomicUsize,
         stats: BackendStats,
     }
 
@@ -288,6 +444,10 @@ mod tests {
 
     impl Redis for FakeRedis {
         fn get(&self, key: &[u8], _hint: usize) -> Result<Option<Vec<u8>>, BackendError> {
+            self.gets.fetch_add(1, AtomicOrdering::SeqCst);
+            if let Some(e) = self.failing.lock().unwrap().clone() {
+                return Err(e);
+            }
             let read = self.store.lock().unwrap().get(key).cloned();
             self.reply_travels();
             Ok(read)
@@ -490,5 +650,211 @@ mod tests {
             }
             other => panic!("expected a reply error, got {other:?}"),
         }
+    }
+
+    const TTL: Duration = Duration::from_millis(100);
+
+    type StaleCore = (
+        Arc<Proxy<Arc<FakeRedis>>>,
+        Arc<FakeRedis>,
+        Arc<CoreCoherence>,
+        Arc<MockClock>,
+    );
+
+    /// A core over a fake Redis and a mock clock, answering stale within
+    /// `stale`; tracking on with its listener up when `tracking`.
+    fn stale_core(stale: Stale, tracking: bool) -> StaleCore {
+        let clock = Arc::new(MockClock::default());
+        let cache = Arc::new(Cache::new(16, TTL, clock.clone()).with_limits(Limits {
+            grace: stale.grace(),
+            ..Limits::default()
+        }));
+        let metrics = Arc::new(Metrics::default());
+        let coherence = Arc::new(Coherence::new(cache, metrics.clone(), tracking));
+        if tracking {
+            coherence.listener_up(1);
+        }
+        let redis = Arc::new(FakeRedis::default());
+        let proxy =
+            Arc::new(Proxy::new(redis.clone(), metrics, coherence.clone()).with_stale(stale));
+        (proxy, redis, coherence, clock)
+    }
+
+    fn if_error(ms: u64) -> Stale {
+        Stale {
+            if_error: Duration::from_millis(ms),
+            ..Stale::default()
+        }
+    }
+
+    fn fail(redis: &FakeRedis, error: Option<BackendError>) {
+        *redis.failing.lock().unwrap() = error;
+    }
+
+    /// Redis down or timing out: an entry expired no longer ago than the
+    /// window answers (as a stale hit), an older one and a never-cached key
+    /// get the error.
+    #[test]
+    fn stale_if_error_answers_recently_expired_entries() {
+        let (proxy, redis, _, clock) = stale_core(if_error(50), false);
+        redis.put(b"k", b"old");
+        assert_eq!(read(&proxy, b"k").1, Source::Miss);
+        clock.advance(Duration::from_millis(120));
+        proxy.cache.sweep();
+        fail(&redis, Some(BackendError::Unavailable("refused".into())));
+        assert_eq!(
+            read(&proxy, b"k"),
+            (Some(b"old".to_vec()), Source::StaleHit)
+        );
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(
+            read(&proxy, b"k"),
+            (Some(b"old".to_vec()), Source::StaleHit)
+        );
+        assert_eq!(proxy.metrics.stale_error.get(), 2);
+        assert_eq!(proxy.get(b"never", 0).unwrap_err(), BackendError::Timeout);
+        clock.advance(Duration::from_millis(30));
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+        // A Redis error reply is an answer, not a failure: never masked.
+        fail(&redis, Some(BackendError::Reply("WRONGTYPE".into())));
+        assert!(matches!(proxy.get(b"k", 0), Err(BackendError::Reply(_))));
+    }
+
+    /// Without the setting an expired entry is never answered.
+    #[test]
+    fn stale_if_error_is_off_by_default() {
+        let (proxy, redis, _, clock) = stale_core(Stale::default(), false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        clock.advance(Duration::from_millis(101));
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// Invalidated, written, deleted, flushed and found-absent entries are
+    /// never answered stale.
+    #[test]
+    fn removed_entries_are_never_served_stale() {
+        let (proxy, redis, coherence, clock) = stale_core(if_error(1000), true);
+        for k in [&b"inv"[..], b"set", b"del", b"gone"] {
+            redis.put(k, b"old");
+            read(&proxy, k);
+        }
+        clock.advance(Duration::from_millis(150));
+        coherence.invalidate(b"inv");
+        proxy.set(b"set", b"new", &[], 0).unwrap();
+        proxy.del(&[b"del"], 0).unwrap();
+        // Redis says the key is gone: the kept entry goes too.
+        redis.store.lock().unwrap().remove(&b"gone"[..]);
+        assert_eq!(read(&proxy, b"gone"), (None, Source::Miss));
+        fail(&redis, Some(BackendError::Timeout));
+        for k in [&b"inv"[..], b"set", b"del", b"gone"] {
+            assert_eq!(proxy.get(k, 0).unwrap_err(), BackendError::Timeout, "{k:?}");
+        }
+        fail(&redis, None);
+        redis.put(b"f", b"old");
+        read(&proxy, b"f");
+        clock.advance(Duration::from_millis(150));
+        coherence.flush();
+        fail(&redis, Some(BackendError::Timeout));
+        assert_eq!(proxy.get(b"f", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// With tracking on and its listener down nothing is served stale, even
+    /// an entry still held when the listener went down.
+    #[test]
+    fn listener_down_serves_nothing_stale() {
+        let (proxy, redis, coherence, clock) = stale_core(if_error(1000), true);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        clock.advance(Duration::from_millis(150));
+        fail(&redis, Some(BackendError::Timeout));
+        // Stop using the cache without the flush listener_down would do, to
+        // see that the core itself refuses stale answers in `Down`.
+        coherence.listener_up(-1);
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+        coherence.listener_up(2);
+        assert_eq!(read(&proxy, b"k").1, Source::StaleHit);
+        coherence.listener_down();
+        assert_eq!(proxy.get(b"k", 0).unwrap_err(), BackendError::Timeout);
+    }
+
+    /// Polls `done` for up to 5 s.
+    fn eventually(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !done() {
+            assert!(Instant::now() < deadline, "not within 5 s");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+    }
+
+    /// 50 reads of a key just past its TTL: one background GET, all 50
+    /// answered at once with the old value, then the new value, whose age
+    /// starts at the refresh.
+    #[test]
+    fn stale_while_revalidate_refreshes_once() {
+        let stale = Stale {
+            revalidate: Duration::from_millis(1000),
+            ..Stale::default()
+        };
+        let (proxy, redis, _, clock) = stale_core(stale, false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        redis.put(b"k", b"new");
+        clock.advance(Duration::from_millis(101));
+        // The refresh's GET is held until all 50 reads are answered.
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        redis.during_next_get(move |_| {
+            held.lock().unwrap().recv().ok();
+        });
+        for _ in 0..50 {
+            assert_eq!(
+                read(&proxy, b"k"),
+                (Some(b"old".to_vec()), Source::StaleHit)
+            );
+        }
+        release.send(()).unwrap();
+        eventually(|| read(&proxy, b"k").1 == Source::Hit);
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Hit));
+        assert_eq!(
+            redis.gets.load(AtomicOrdering::SeqCst),
+            2,
+            "one miss, one refresh"
+        );
+        assert_eq!(proxy.metrics.refreshes.get(), 1);
+        assert!(proxy.metrics.stale_revalidate.get() >= 50);
+        clock.advance(Duration::from_millis(99));
+        assert_eq!(
+            read(&proxy, b"k").1,
+            Source::Hit,
+            "the refresh reset the age"
+        );
+    }
+
+    /// An invalidation while the background refresh is in flight: the
+    /// refreshed value is not kept (the flight's stale mark, as for a miss).
+    #[test]
+    fn invalidation_during_a_refresh_is_not_cached() {
+        let stale = Stale {
+            revalidate: Duration::from_millis(1000),
+            ..Stale::default()
+        };
+        let (proxy, redis, coherence, clock) = stale_core(stale, true);
+        redis.put(b"k", b"v1");
+        read(&proxy, b"k");
+        redis.put(b"k", b"v2");
+        clock.advance(Duration::from_millis(101));
+        let (done, landed) = std::sync::mpsc::channel::<()>();
+        let done = Mutex::new(done);
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"v3".to_vec());
+            coherence.invalidate(b"k");
+            done.lock().unwrap().send(()).ok();
+        });
+        assert_eq!(read(&proxy, b"k").1, Source::StaleHit);
+        landed.recv_timeout(Duration::from_secs(5)).unwrap();
+        eventually(|| proxy.coherence.join(b"k", 0).is_leader());
+        assert_eq!(read(&proxy, b"k"), (Some(b"v3".to_vec()), Source::Miss));
     }
 }

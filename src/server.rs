@@ -11,14 +11,14 @@ use std::time::{Duration, Instant};
 use may::coroutine::JoinHandle;
 
 use crate::backend::{Backend, BackendOptions};
-use crate::cache::{Cache, SystemClock};
+use crate::cache::{Cache, Limits, SystemClock};
 use crate::clients::Clients;
 use crate::coherence::{Coherence, Freshness};
 use crate::config::{Config, Invalidation};
 use crate::http::{self, HttpShared};
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::proxy::Proxy;
+use crate::proxy::{Proxy, Stale};
 use crate::resp::{self, RespShared};
 use crate::tracking::Tracking;
 
@@ -52,11 +52,22 @@ pub fn start(config: &Config) -> io::Result<Server> {
 
     let target_db = target.db;
     let metrics = Arc::new(Metrics::default());
-    let cache = Arc::new(Cache::new(
-        config.cache_capacity,
-        config.cache_ttl(),
-        Arc::new(SystemClock::default()),
-    ));
+    let stale = Stale {
+        revalidate: Duration::from_millis(config.cache_stale_while_revalidate_ms),
+        if_error: Duration::from_millis(config.cache_stale_if_error_ms),
+    };
+    let cache = Arc::new(
+        Cache::new(
+            config.cache_capacity,
+            config.cache_ttl(),
+            Arc::new(SystemClock::default()),
+        )
+        .with_limits(Limits {
+            max_bytes: config.cache_max_bytes,
+            max_value_bytes: config.cache_max_value_bytes,
+            grace: stale.grace(),
+        }),
+    );
     // Sweep often enough that expired entries do not linger for long, but
     // never busy-loop for tiny TTLs.
     let sweep_every =
@@ -81,7 +92,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
         timeout: config.redis_timeout(),
         freshness,
     });
-    let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence));
+    let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {
         tracking.spawn();
     }

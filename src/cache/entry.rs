@@ -127,6 +127,13 @@ impl Value {
         }
     }
 
+    /// Key plus value bytes, from the header's lengths: what the cache's
+    /// byte bound counts (the header and malloc's rounding are not counted).
+    pub fn size(&self) -> usize {
+        let header = self.header();
+        header.key_len as usize + header.value_len as usize
+    }
+
     /// Identity of the allocation: equal for clones, and never shared by two
     /// live entries.
     pub(crate) fn addr(&self) -> usize {

@@ -400,6 +400,10 @@ fn emit(out: &mut Out, tally: &mut Tally, reply: Reply, head_only: bool, conn: C
         buf.extend_from_slice(b"\r\nX-Cache: ");
         buf.extend_from_slice(x_cache.as_bytes());
     }
+    if let Some(cache_status) = reply.cache_status {
+        buf.extend_from_slice(b"\r\nCache-Status: ");
+        buf.extend_from_slice(cache_status.as_bytes());
+    }
     if let Some(allow) = reply.allow {
         buf.extend_from_slice(b"\r\nAllow: ");
         buf.extend_from_slice(allow.as_bytes());

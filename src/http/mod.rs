@@ -189,6 +189,8 @@ pub(crate) struct Reply {
     /// `None` for a reply without a body (204).
     content_type: Option<&'static str>,
     x_cache: Option<&'static str>,
+    /// The `Cache-Status` value of an answer about a key ([`cache_status`]).
+    cache_status: Option<&'static str>,
     allow: Option<&'static str>,
     retry_after: bool,
     body: Body,
@@ -224,6 +226,7 @@ impl Reply {
             code,
             content_type: Some(content_type),
             x_cache: None,
+            cache_status: None,
             allow: None,
             retry_after: false,
             body,
@@ -254,15 +257,23 @@ impl Reply {
     }
 
     /// A key's value, raw or as JSON, marked hit or miss.
-    fn value(key: &[u8], value: Value, hit: bool, json: bool) -> Self {
+    fn value(key: &[u8], value: Value, source: Source, json: bool) -> Self {
         let reply = if json {
             Reply::json(200, value_body(key, &value))
         } else {
             Reply::new(200, OCTETS_TYPE, Body::Value(value))
         };
         Reply {
-            x_cache: Some(if hit { "HIT" } else { "MISS" }),
-            ..reply
+            x_cache: Some(if source.is_hit() { "HIT" } else { "MISS" }),
+            ..reply.about(source)
+        }
+    }
+
+    /// Marks an answer about a key with where it came from.
+    fn about(self, source: Source) -> Self {
+        Reply {
+            cache_status: Some(cache_status(source)),
+            ..self
         }
     }
 }
@@ -293,15 +304,16 @@ impl HttpShared {
         };
         match self.proxy.get(&target.key, fd) {
             Ok(lookup) => match lookup.value {
-                None => Reply::error(404, "key not found", Some(&target.key)),
+                None => Reply::error(404, "key not found", Some(&target.key)).about(lookup.source),
                 Some(value) => Reply::value(
                     &target.key,
                     value,
-                    lookup.source == Source::Hit,
+                    lookup.source,
                     target.json || head.accept_json,
                 ),
             },
-            Err(e) => backend_error(&e, &target.key),
+            // Redis was asked and failed: still a forwarded miss.
+            Err(e) => backend_error(&e, &target.key).about(Source::Miss),
         }
     }
 
@@ -340,6 +352,16 @@ impl HttpShared {
             Ok(_) => Reply::no_content(),
             Err(e) => backend_error(&e, key),
         }
+    }
+}
+
+/// The `Cache-Status` value (RFC 9211) of an answer about a key.
+fn cache_status(source: Source) -> &'static str {
+    match source {
+        Source::Hit => "redis-proxy; hit",
+        Source::StaleHit => "redis-proxy; hit; detail=stale",
+        Source::Miss => "redis-proxy; fwd=uri-miss",
+        Source::Collapsed => "redis-proxy; fwd=uri-miss; collapsed",
     }
 }
 
