@@ -45,7 +45,8 @@ fn main() -> ExitCode {
     };
     log::info!(
         "redis-proxy {} listening http://{} resp={} redis={} workers={} pinned={} ttl_ms={} capacity={} \
-         max_clients={} redis_timeout_ms={} idle_timeout_ms={} invalidation={:?} writes={}",
+         max_clients={} max_buffer_bytes={} redis_timeout_ms={} idle_timeout_ms={} invalidation={:?} \
+         writes={} stale_while_revalidate_ms={} stale_if_error_ms={} max_bytes={} max_value_bytes={}",
         env!("CARGO_PKG_VERSION"),
         server.http_addr(),
         server
@@ -60,10 +61,15 @@ fn main() -> ExitCode {
         config.cache_ttl_ms,
         config.cache_capacity,
         config.max_clients,
+        config.max_buffer_bytes,
         config.redis_timeout_ms,
         config.idle_timeout_ms,
         config.cache_invalidation,
         config.allow_writes,
+        config.cache_stale_while_revalidate_ms,
+        config.cache_stale_if_error_ms,
+        config.cache_max_bytes,
+        config.cache_max_value_bytes,
     );
 
     let (tx, rx) = std::sync::mpsc::channel();
