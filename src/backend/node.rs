@@ -310,7 +310,9 @@ impl Reader {
                 self.end -= self.start;
                 self.start = 0;
             } else {
-                let len = self.buf.len() * 2;
+                // A large bulk reply announces its size: grow once to fit
+                // it rather than doubling (and copying) a dozen times.
+                let len = (self.buf.len() * 2).max(bulk_frame_len(&self.buf[..self.end]));
                 self.buf.resize(len, 0);
             }
         }
@@ -403,6 +405,21 @@ impl Reader {
         }
         clean
     }
+}
+
+/// The whole length of a bulk reply whose header is at the start of `buf`
+/// (0 when there is none): how much buffer the frame needs.
+fn bulk_frame_len(buf: &[u8]) -> usize {
+    if buf.first() != Some(&b'$') {
+        return 0;
+    }
+    let Some(nl) = buf.iter().take(24).position(|&b| b == b'\n') else {
+        return 0;
+    };
+    std::str::from_utf8(&buf[1..nl.saturating_sub(1).max(1)])
+        .ok()
+        .and_then(|s| s.parse::<usize>().ok())
+        .map_or(0, |n| nl + 1 + n + 2)
 }
 
 fn is_timeout(e: &io::Error) -> bool {
@@ -854,6 +871,9 @@ mod tests {
             }
         }
         assert!(frame_len(b"?what\r\n").is_err());
+        assert_eq!(bulk_frame_len(b"$100\r\nabc"), 6 + 100 + 2);
+        assert_eq!(bulk_frame_len(b"$-1\r\n"), 0);
+        assert_eq!(bulk_frame_len(b"+OK\r\n"), 0);
         assert!(frame_len(b"$x\r\n").is_err());
     }
 }
