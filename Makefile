@@ -27,6 +27,7 @@ lint:
 
 bench: deps
 	cargo bench --bench cache
+	cargo bench --bench hop
 	scripts/bench.sh
 
 soak: build

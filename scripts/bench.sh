@@ -10,6 +10,10 @@
 # (a)-(e) run with wrk --latency, a Lua script rotating over the hot key set, in
 # BENCH_ROUNDS alternating rounds (a b c d e a b c d e ...); the table shows the
 # mean over rounds (BENCH_AGG=best: the round with the most requests/s).
+# Every target also gets CPU microseconds per request of its server process (and
+# of redis-server) over the measured windows: utime+stime from /proc/PID/stat,
+# summed over rounds, over the requests served. Ratios of CPU per request within
+# one run hold best on a shared machine; req/s moves by tens of percent.
 # Everything binds 127.0.0.1 and free ports; nothing else on the machine is touched.
 #
 # Settings (environment):
@@ -285,6 +289,10 @@ SUFFIX[c]=".txt"
 PORT[a]=$P_HIT PORT[b]=$P_MISS PORT[e]=$P_TRACK
 declare -A TPID=([a]=$PID_hit [b]=$PID_miss [c]=$PID_webdis [d]=$PID_bare [e]=$PID_track)
 alive() { kill -0 "$1" 2>/dev/null; }
+CLK_TCK=$(getconf CLK_TCK)
+cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
+# us_per_req ticks requests -> CPU microseconds per request
+us_per_req() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else printf "n/a" }'; }
 # A measurement of a dead target is skipped (and reported) rather than timed out.
 DEAD="BENCH rps=0 p50_us=0 p99_us=0 requests=0 non2xx=0 sockerr=0 dead=1"
 declare -A NAME=([a]="proxy hits" [b]="proxy all-miss" [c]="webdis" [d]="bare may_minihttp" [e]="proxy hits, tracking")
@@ -296,7 +304,10 @@ for t in a b c d e; do
   run_wrk "$tmp/warm-$t.txt" "${URL[$t]}" "${PREFIX[$t]}" "${SUFFIX[$t]}" 1s "$CONNS" >/dev/null
 done
 
-declare -A SAMPLES HITS MISSES
+declare -A SAMPLES HITS MISSES CPU RCPU REQS
+for t in a b c d e; do
+  CPU[$t]=0 RCPU[$t]=0 REQS[$t]=0
+done
 for t in a e; do
   HITS[$t]=0 MISSES[$t]=0
 done
@@ -311,7 +322,11 @@ for r in $(seq 1 "$ROUNDS"); do
       h0=$(metric "${PORT[$t]}" cache_hits_total)
       m0=$(metric "${PORT[$t]}" cache_misses_total)
     fi
+    c0=$(cpu_ticks "${TPID[$t]}") rc0=$(cpu_ticks "$PID_redis")
     line=$(run_wrk "$tmp/wrk-$t-$r.txt" "${URL[$t]}" "${PREFIX[$t]}" "${SUFFIX[$t]}" "$DURATION" "$CONNS")
+    c1=$(cpu_ticks "${TPID[$t]}") rc1=$(cpu_ticks "$PID_redis")
+    n=$(printf '%s' "$line" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
+    CPU[$t]=$((CPU[$t] + c1 - c0)) RCPU[$t]=$((RCPU[$t] + rc1 - rc0)) REQS[$t]=$((REQS[$t] + ${n:-0}))
     if [ -n "${PORT[$t]:-}" ] && [ -n "${HITS[$t]:-}" ]; then
       h1=$(metric "${PORT[$t]}" cache_hits_total)
       m1=$(metric "${PORT[$t]}" cache_misses_total)
@@ -354,7 +369,7 @@ rb() { # port pipeline requests -> "rps p50_ms p99_ms"
 }
 rb_h0=$(metric "$P_HIT" cache_hits_total)
 rb_m0=$(metric "$P_HIT" cache_misses_total)
-declare -A RB
+declare -A RB RBCPU RBRCPU RBREQS
 for p in 1 16; do
   n=$RB_N
   [ "$p" = 16 ] && n=$((RB_N * 10))
@@ -366,7 +381,12 @@ for p in 1 16; do
         say "round $r redis-benchmark -P $p $side: not running any more, skipped"
         continue
       fi
+      c0=$(cpu_ticks "$pid") rc0=$(cpu_ticks "$PID_redis")
       read -r rps p50 p99 < <(rb "$port" "$p" "$n")
+      c1=$(cpu_ticks "$pid") rc1=$(cpu_ticks "$PID_redis")
+      RBCPU[$side.$p]=$((${RBCPU[$side.$p]:-0} + c1 - c0))
+      RBRCPU[$side.$p]=$((${RBRCPU[$side.$p]:-0} + rc1 - rc0))
+      [ "$rps" != 0 ] && RBREQS[$side.$p]=$((${RBREQS[$side.$p]:-0} + n))
       say "round $r redis-benchmark -P $p $side: rps=$rps p50=${p50}ms p99=${p99}ms"
       RB[$side.$p]+="$rps $p50 $p99"$'\n'
     done
@@ -534,10 +554,14 @@ read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
     "$NKEYS keys x ${VBYTES} B; PROXY_WORKERS=${PROXY_WORKERS:-default($NPROC)}; redis $(redis-server --version | awk '{print $3}' | tr -d 'v=')"
   echo "   load average (1/5/15 min) at start: $LOAD_START; after wrk runs: $LOAD_MID; at end: $(cut -d' ' -f1-3 /proc/loadavg)"
   echo
-  printf '%-24s %10s %19s %9s %9s %8s %7s\n' target "req/s" "(min..max)" "p50 ms" "p99 ms" non2xx sockerr
+  printf '%-24s %10s %19s %9s %9s %8s %7s %10s %10s\n' target "req/s" "(min..max)" "p50 ms" "p99 ms" non2xx sockerr \
+    "cpu us/req" "redis us/r"
+  declare -A USR RUSR
   for t in a b c d e; do
-    printf '%-24s %10s %19s %9s %9s %8s %7s\n' "(${t}) ${NAME[$t]}" "${RPS[$t]}" "(${LO[$t]}..${HI[$t]})" \
-      "${P50[$t]}" "${P99[$t]}" "${NON[$t]}" "${ERR[$t]}"
+    USR[$t]=$(us_per_req "${CPU[$t]}" "${REQS[$t]}")
+    RUSR[$t]=$(us_per_req "${RCPU[$t]}" "${REQS[$t]}")
+    printf '%-24s %10s %19s %9s %9s %8s %7s %10s %10s\n' "(${t}) ${NAME[$t]}" "${RPS[$t]}" "(${LO[$t]}..${HI[$t]})" \
+      "${P50[$t]}" "${P99[$t]}" "${NON[$t]}" "${ERR[$t]}" "${USR[$t]}" "${RUSR[$t]}"
   done
   echo "   cache during measured runs: hits ${HITS[a]} misses ${MISSES[a]} (a); hits ${HITS[e]} misses ${MISSES[e]} (e)"
   echo
@@ -552,12 +576,18 @@ read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
   printf '%-40s %7s  %-8s %s\n' "all-miss / webdis (req/s)" "$r3" ">= 1.2" "$(verdict "$r3" '>=' 1.2)"
   printf '%-40s %7s  %-8s %s\n' "p99 hits / p99 webdis at $CONNS conns" "$r4" "<= 1.0" "$(verdict "$r4" '<=' 1.0)"
   printf '%-40s %7s  %-8s %s\n' "tracking / off, hits (req/s)" "$r5" ">= 0.97" "$(verdict "$r5" '>=' 0.97)"
+  r6=$(ratio "${USR[b]}" "${USR[a]}")
+  r7=$(ratio "${USR[a]}" "${USR[d]}")
+  printf '%-40s %7s  %-8s %s\n' "all-miss / hits (cpu us/req)" "$r6" "<= 1.6" "$(verdict "$r6" '<=' 1.6)"
+  printf '%-40s %7s  %-8s %s\n' "hits / bare (cpu us/req)" "$r7" "<= 1.1" "$(verdict "$r7" '<=' 1.1)"
   echo
-  printf '%-36s %10s %9s %9s\n' "redis-benchmark -t get -c $RB_C" "req/s" "p50 ms" "p99 ms"
-  printf '%-36s %10s %9s %9s\n' "proxy RESP, -P 1 (-n $RB_N)" "$rbp1" "$rbp1_50" "$rbp1_99"
-  printf '%-36s %10s %9s %9s\n' "redis-server, -P 1" "$rbr1" "$rbr1_50" "$rbr1_99"
-  printf '%-36s %10s %9s %9s\n' "proxy RESP, -P 16 (-n $((RB_N * 10)))" "$rbp16" "$rbp16_50" "$rbp16_99"
-  printf '%-36s %10s %9s %9s\n' "redis-server, -P 16" "$rbr16" "$rbr16_50" "$rbr16_99"
+  rbu() { us_per_req "${RBCPU[$1]:-0}" "${RBREQS[$1]:-0}"; }
+  rbru() { us_per_req "${RBRCPU[$1]:-0}" "${RBREQS[$1]:-0}"; }
+  printf '%-36s %10s %9s %9s %10s %10s\n' "redis-benchmark -t get -c $RB_C" "req/s" "p50 ms" "p99 ms" "cpu us/req" "redis us/r"
+  printf '%-36s %10s %9s %9s %10s %10s\n' "proxy RESP, -P 1 (-n $RB_N)" "$rbp1" "$rbp1_50" "$rbp1_99" "$(rbu proxy.1)" "$(rbru proxy.1)"
+  printf '%-36s %10s %9s %9s %10s %10s\n' "redis-server, -P 1" "$rbr1" "$rbr1_50" "$rbr1_99" "$(rbu redis.1)" "$(rbru redis.1)"
+  printf '%-36s %10s %9s %9s %10s %10s\n' "proxy RESP, -P 16 (-n $((RB_N * 10)))" "$rbp16" "$rbp16_50" "$rbp16_99" "$(rbu proxy.16)" "$(rbru proxy.16)"
+  printf '%-36s %10s %9s %9s %10s %10s\n' "redis-server, -P 16" "$rbr16" "$rbr16_50" "$rbr16_99" "$(rbu redis.16)" "$(rbru redis.16)"
   q1=$(ratio "$rbp1" "$rbr1")
   q16=$(ratio "$rbp16" "$rbr16")
   printf '%-40s %7s  %-8s %s\n' "proxy / redis, -P 1" "$q1" ">= 1.0" "$(verdict "$q1" '>=' 1.0)"

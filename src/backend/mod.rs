@@ -179,9 +179,8 @@ impl Backend {
 
 impl Redis for Backend {
     fn get(&self, key: &[u8], hint: usize) -> Result<Option<Vec<u8>>, BackendError> {
-        let cmd = redis::cmd("GET").arg(key).get_packed_command();
-        let mut values = self.topology.node_for(key).query(hint, cmd, 1)?;
-        self.count_reply_error(bulk_or_nil(values.pop().unwrap_or(Value::Nil)))
+        let result = self.topology.node_for(key).get(hint, key)?;
+        self.count_reply_error(result)
     }
 
     fn get_many(&self, keys: &[&[u8]], hint: usize) -> Result<Vec<GetResult>, BackendError> {
@@ -190,12 +189,7 @@ impl Redis for Backend {
         let node = self
             .topology
             .node_for(keys.first().copied().unwrap_or_default());
-        let mut cmds = Vec::new();
-        for key in keys {
-            redis::cmd("GET").arg(*key).write_packed_command(&mut cmds);
-        }
-        let values = node.query(hint, cmds, keys.len())?;
-        Ok(values.into_iter().map(bulk_or_nil).collect())
+        node.get_many(hint, keys)
     }
 
     fn set(
