@@ -64,19 +64,19 @@ for i in range(n):
 cmd(b"SET", b"key:__rand_int__", b"r" * size)
 EOF
 
-start() { # binary http-port resp-port capacity -> pid
-  REDIS_URL="redis://127.0.0.1:$P_REDIS/0" PROXY_PORT=$2 RESP_PORT=$3 CACHE_CAPACITY=$4 \
-    "$1" >"$tmp/proxy-$2.log" 2>&1 &
-  local pid=$!
-  pids+=("$pid")
-  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$2/-/healthy" >/dev/null && break; sleep 0.05; done
-  echo "$pid"
+start() { # name binary http-port resp-port capacity; sets PID[name]
+  REDIS_URL="redis://127.0.0.1:$P_REDIS/0" PROXY_PORT=$3 RESP_PORT=$4 CACHE_CAPACITY=$5 \
+    "$2" >"$tmp/proxy-$3.log" 2>&1 &
+  PID[$1]=$!
+  pids+=("${PID[$1]}")
+  for _ in $(seq 100); do curl -sf "http://127.0.0.1:$3/-/healthy" >/dev/null && break; sleep 0.05; done
 }
 declare -A PID HPORT RPORT
-PID[old_hit]=$(start "$OLD" "$P1" "$P1R" 1000000)
-PID[new_hit]=$(start "$NEW" "$P2" "$P2R" 1000000)
-PID[old_miss]=$(start "$OLD" "$P3" "$P3R" 0)
-PID[new_miss]=$(start "$NEW" "$P4" "$P4R" 0)
+# Not in a $(...) subshell: the pids must reach the cleanup trap.
+start old_hit "$OLD" "$P1" "$P1R" 1000000
+start new_hit "$NEW" "$P2" "$P2R" 1000000
+start old_miss "$OLD" "$P3" "$P3R" 0
+start new_miss "$NEW" "$P4" "$P4R" 0
 HPORT[old_hit]=$P1 HPORT[new_hit]=$P2 HPORT[old_miss]=$P3 HPORT[new_miss]=$P4
 RPORT[old_hit]=$P1R RPORT[new_hit]=$P2R RPORT[old_miss]=$P3R RPORT[new_miss]=$P4R
 
