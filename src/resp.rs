@@ -182,7 +182,11 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
     stream.set_nodelay(true).ok();
     // A client that stops reading its replies is cut after the idle timeout.
     stream.set_write_timeout(Some(shared.idle_timeout)).ok();
+    // `rbuf[start..filled]` is unanswered input. The bytes past `filled`
+    // are zeroed once and reused: re-zeroing a read chunk before every read
+    // cost ~4 % of a pipelined hit's CPU.
     let mut rbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut filled = 0;
     let mut start = 0;
     let mut need = 1;
     let mut wbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
@@ -197,8 +201,8 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
     loop {
         // Answer every complete command in the buffer, then write once.
         let mut argv: Vec<&[u8]> = Vec::new();
-        while next == Next::Continue && rbuf.len() - start >= need {
-            match parser.parse(&rbuf[start..], shared.max_request) {
+        while next == Next::Continue && filled - start >= need {
+            match parser.parse(&rbuf[start..filled], shared.max_request) {
                 Ok(Parsed::Complete { consumed }) => {
                     let base = start;
                     start += consumed;
@@ -208,7 +212,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
                         continue;
                     }
                     let in_flight = permit.begin(batch_start);
-                    let command = (&rbuf[base..], args);
+                    let command = (&rbuf[base..filled], args);
                     next = execute(
                         command,
                         &mut argv,
@@ -238,7 +242,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
         if !wbuf.is_empty() {
             // The replies about to be written count toward the bound on all
             // clients' buffers (PROXY_MAX_BUFFER_BYTES) until they are out.
-            if !permit.hold(rbuf.len() - start + wbuf.len()) {
+            if !permit.hold(filled - start + wbuf.len()) {
                 return;
             }
             // Counted so the reaper can tell a client reading a long reply
@@ -262,11 +266,11 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
         }
         // Keep the unparsed tail at the front of the buffer.
         if start > 0 {
-            rbuf.drain(..start);
+            rbuf.copy_within(start..filled, 0);
+            filled -= start;
             start = 0;
         }
-        let len = rbuf.len();
-        if len == 0 {
+        if filled == 0 {
             // Every command read so far is answered: the client is waiting
             // for its replies rather than streaming a request or a pipeline
             // past us, so the next read will most likely wait (and let the
@@ -275,23 +279,27 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
             unyielded_bytes = 0;
             unyielded_commands = 0;
         }
-        let want = need.saturating_sub(len).clamp(READ_CHUNK, 1 << 20);
-        rbuf.resize(len + want, 0);
-        match stream.read(&mut rbuf[len..]) {
-            Ok(0) | Err(_) => return,
-            Ok(n) => rbuf.truncate(len + n),
+        let want = need.saturating_sub(filled).clamp(READ_CHUNK, 1 << 20);
+        if rbuf.len() < filled + want {
+            rbuf.resize(filled + want, 0);
         }
+        let n = match stream.read(&mut rbuf[filled..]) {
+            Ok(0) | Err(_) => return,
+            Ok(n) => n,
+        };
+        filled += n;
         // An unfinished request held here counts toward the same bound.
         if !permit.hold(rbuf.len()) {
             return;
         }
-        unyielded_bytes += rbuf.len() - len;
+        unyielded_bytes += n;
         if unyielded_bytes >= YIELD_BYTES {
             unyielded_bytes = 0;
             let_others_run();
         }
         batch_start = Instant::now();
-        if rbuf.capacity() > 4 * READ_CHUNK && rbuf.len() < READ_CHUNK {
+        if rbuf.capacity() > 4 * READ_CHUNK && filled < READ_CHUNK {
+            rbuf.truncate(READ_CHUNK);
             rbuf.shrink_to(READ_CHUNK);
         }
     }
