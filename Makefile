@@ -33,7 +33,7 @@ bench: deps
 soak: build
 	scripts/soak.sh
 
-# The cache's unsafe code (src/cache/entry.rs) under Miri; nightly, ~15 min.
+# The cache's unsafe code (src/cache/entry.rs) under Miri; nightly, ~20 min.
 miri:
 	rustup toolchain install nightly --profile minimal --component miri,rust-src
 	cargo +nightly miri test --lib cache::
