@@ -358,11 +358,6 @@ impl Permit {
     pub fn is_evicted(&self) -> bool {
         self.state.evicted.load(Ordering::Relaxed)
     }
-
-    /// Whether this connection was refused at the limit.
-    pub fn is_rejected(&self) -> bool {
-        !self.counted
-    }
 }
 
 /// A request being processed; see [`Permit::begin`].
