@@ -87,6 +87,7 @@ pub const ENV_NAMES: &[&str] = &[
     "CACHE_STALE_IF_ERROR_MS",
     "CACHE_MAX_BYTES",
     "CACHE_MAX_VALUE_BYTES",
+    "REDIS_CLUSTER",
 ];
 
 /// How the cache learns that Redis changed a key.
@@ -96,6 +97,17 @@ pub enum Invalidation {
     Off,
     /// Redis CLIENT TRACKING removes changed keys from the cache.
     Tracking,
+}
+
+/// Whether the backing Redis is a Redis Cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum ClusterMode {
+    /// Cluster mode when the first seed that answers reports `cluster_enabled:1`.
+    Auto,
+    /// Always a cluster: learn the slot map from the seeds.
+    On,
+    /// One Redis (the first seed).
+    Off,
 }
 
 /// All settings of one proxy process.
@@ -109,7 +121,7 @@ pub enum Invalidation {
                   REDIS_HOST, REDIS_PORT and REDIS_DB are used if set."
 )]
 pub struct Config {
-    /// Backing Redis, redis://[user:pass@]host:port/db [default: redis://127.0.0.1:6379/0]
+    /// Backing Redis, redis://[user:pass@]host:port/db; for a cluster, several seed URLs separated by commas [default: redis://127.0.0.1:6379/0]
     #[arg(long, env = "REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 
@@ -215,6 +227,16 @@ pub struct Config {
     #[arg(long, env = "CACHE_MAX_VALUE_BYTES", default_value_t = 0,
           value_parser = ranged::<usize>("CACHE_MAX_VALUE_BYTES", 0, usize::MAX))]
     pub cache_max_value_bytes: usize,
+
+    /// Redis Cluster: auto (detect with INFO cluster), on, or off.
+    #[arg(
+        long,
+        env = "REDIS_CLUSTER",
+        value_enum,
+        default_value = "auto",
+        ignore_case = true
+    )]
+    pub redis_cluster: ClusterMode,
 }
 
 impl Default for Config {
@@ -240,6 +262,7 @@ impl Default for Config {
             cache_stale_if_error_ms: 0,
             cache_max_bytes: 0,
             cache_max_value_bytes: 0,
+            redis_cluster: ClusterMode::Auto,
         }
     }
 }
@@ -363,10 +386,30 @@ impl Config {
 
     /// The backing Redis: `REDIS_URL`, else `REDIS_HOST`/`REDIS_PORT`/`REDIS_DB`,
     /// else the default.
+    /// With several seed URLs (a cluster), the first.
     pub fn redis_target(&self) -> Result<RedisTarget, ConfigError> {
+        Ok(self.redis_seeds()?.swap_remove(0))
+    }
+
+    /// Every seed of `REDIS_URL` (comma-separated URLs; one for a single
+    /// Redis), in order; never empty.
+    pub fn redis_seeds(&self) -> Result<Vec<RedisTarget>, ConfigError> {
         match &self.redis_url {
-            Some(url) => parse_redis_url(url),
-            None => legacy_target(|name| std::env::var(name).ok().filter(|v| !v.is_empty())),
+            Some(urls) => urls
+                .split(',')
+                .map(str::trim)
+                .filter(|url| !url.is_empty())
+                .map(parse_redis_url)
+                .collect::<Result<Vec<_>, _>>()
+                .and_then(|seeds| {
+                    if seeds.is_empty() {
+                        parse_redis_url("").map(|t| vec![t])
+                    } else {
+                        Ok(seeds)
+                    }
+                }),
+            None => legacy_target(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
+                .map(|t| vec![t]),
         }
     }
 }
@@ -549,6 +592,28 @@ mod tests {
             err.contains("PROXY_MAX_BUFFER_BYTES must be an integer in"),
             "{err}"
         );
+    }
+
+    /// REDIS_URL takes several comma-separated seeds; REDIS_CLUSTER parses.
+    #[test]
+    fn cluster_seeds() {
+        let c = parse(&[
+            "--redis-url",
+            "redis://a:7000, redis://:pw@b:7001/0",
+            "--redis-cluster",
+            "ON",
+        ])
+        .unwrap();
+        assert_eq!(c.redis_cluster, ClusterMode::On);
+        let seeds = c.redis_seeds().unwrap();
+        assert_eq!(seeds.len(), 2);
+        assert_eq!((seeds[1].host.as_str(), seeds[1].port), ("b", 7001));
+        assert_eq!(seeds[1].password.as_deref(), Some("pw"));
+        assert_eq!(c.redis_target().unwrap().host, "a");
+        assert_eq!(parse(&[]).unwrap().redis_cluster, ClusterMode::Auto);
+        let bad = parse(&["--redis-url", "redis://a:1,http://b"]).unwrap();
+        assert!(bad.validate().is_err());
+        assert!(parse(&["--redis-url", ","]).unwrap().validate().is_err());
     }
 
     /// The RESP and HTTP ports must differ.

@@ -593,6 +593,45 @@ pub const COUNTERS: &[Def] = &[
         read: Read::One(|_, s| load(&s.backend.reconnects)),
     },
     Def {
+        name: "redis_redirects_total",
+        help: "Cluster redirections followed, by kind.",
+        kind: Kind::Counter,
+        labels: &["kind"],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::Labelled(|_, s| {
+            vec![
+                (["moved", ""], load(&s.backend.redirects_moved)),
+                (["ask", ""], load(&s.backend.redirects_ask)),
+            ]
+        }),
+    },
+    Def {
+        name: "cluster_refreshes_total",
+        help: "Cluster slot-map refreshes.",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|_, s| load(&s.backend.cluster_refreshes)),
+    },
+    Def {
+        name: "redis_connections",
+        help: "Redis connections open now, by node (host:port).",
+        kind: Kind::Gauge,
+        labels: &["node"],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::Labelled(|_, s| {
+            s.backend
+                .nodes
+                .read()
+                .into_iter()
+                .map(|(node, n)| ([node, ""], n))
+                .collect()
+        }),
+    },
+    Def {
         name: "clients_connected",
         help: "Client connections open now, HTTP and RESP.",
         kind: Kind::Gauge,

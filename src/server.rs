@@ -86,12 +86,19 @@ pub fn start(config: &Config) -> io::Result<Server> {
             metrics.clone(),
         )
     });
-    let backend = Backend::start(BackendOptions {
-        target,
-        connections: workers,
-        timeout: config.redis_timeout(),
-        freshness,
-    });
+    let seeds = config
+        .redis_seeds()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+    let backend = Backend::start_with(
+        BackendOptions {
+            target,
+            connections: workers,
+            timeout: config.redis_timeout(),
+            freshness,
+        },
+        seeds,
+        config.redis_cluster,
+    );
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {
         tracking.spawn();

@@ -13,12 +13,17 @@
 //! - `connect`: resolve, TCP connect, AUTH, SELECT, for data links (may
 //!   sockets) and the invalidation listener (a std socket) alike.
 //! - `node`: one node's per-worker pipelined connections (I/O coroutines).
-//! - `topology`: which node serves a key. Today only [`Topology::Single`];
-//!   a Sentinel-found master or a cluster's masters by slot add a variant,
-//!   not a change to callers, who always name a key (or a slot).
+//! - `topology`: which node serves a key: [`Topology::Single`] or
+//!   [`Topology::Cluster`] (a Sentinel-found master adds a variant), and the
+//!   one routing function, [`Topology::route`]; callers always name a key
+//!   (or a slot).
+//! - `cluster`: a Redis Cluster's slot map, redirections and refreshes.
+//! - `slot`: hash slots (CRC16 of the key or its `{hash tag}`).
 
+mod cluster;
 pub(crate) mod connect;
 mod node;
+pub mod slot;
 mod topology;
 
 use std::fmt;
@@ -31,7 +36,11 @@ use redis::Value;
 use crate::coherence::Freshness;
 use crate::config::RedisTarget;
 
+pub use cluster::{NodeGauges, Redirect};
 pub use topology::Topology;
+
+use crate::config::ClusterMode;
+use node::Node;
 
 /// Why a Redis request failed, classified by cause.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -70,6 +79,24 @@ pub struct BackendStats {
     pub errors_reply: AtomicU64,
     /// Connections established after the first one of each I/O coroutine.
     pub reconnects: AtomicU64,
+    /// `MOVED` redirections followed (cluster).
+    pub redirects_moved: AtomicU64,
+    /// `ASK` redirections followed (cluster).
+    pub redirects_ask: AtomicU64,
+    /// Slot-map refreshes attempted (cluster).
+    pub cluster_refreshes: AtomicU64,
+    /// Open connections of each node in use.
+    pub nodes: NodeGauges,
+}
+
+impl BackendStats {
+    fn register_node(&self, addr: &str, gauge: Arc<std::sync::atomic::AtomicI64>) {
+        self.nodes.register(addr, gauge);
+    }
+
+    fn retain_nodes(&self, addrs: &[String]) {
+        self.nodes.retain(addrs);
+    }
 }
 
 /// One key's outcome inside a multi-key read.
@@ -169,6 +196,130 @@ impl Backend {
         }
     }
 
+    /// A single Redis at `options.target`, or a cluster learnt from
+    /// `seeds` (`options.target` is the first): `mode` decides, `Auto` by
+    /// `INFO cluster` of the first seed that answers. This blocks (on std
+    /// sockets) for up to the timeout per seed: call it before serving.
+    /// With `Auto` and no seed answering, a single Redis at the first seed.
+    pub fn start_with(
+        options: BackendOptions,
+        seeds: Vec<RedisTarget>,
+        mode: ClusterMode,
+    ) -> Backend {
+        let cluster = match mode {
+            ClusterMode::On => true,
+            ClusterMode::Off => false,
+            ClusterMode::Auto => cluster::detect(&seeds, options.timeout).unwrap_or_else(|| {
+                log::warn!(
+                    "no seed answered INFO cluster: serving {} as a single Redis \
+                     (set REDIS_CLUSTER=on for a cluster)",
+                    options.target
+                );
+                false
+            }),
+        };
+        if !cluster {
+            return Backend::start(options);
+        }
+        let stats = Arc::new(BackendStats::default());
+        Backend {
+            topology: Topology::cluster(&options, seeds, stats.clone()),
+            stats,
+        }
+    }
+
+    /// True when the backend is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.topology, Topology::Cluster(_))
+    }
+
+    /// Sends `count` packed commands `cmds` to the node serving `key` and
+    /// returns their replies (errors as `Value::ServerError`), following a
+    /// cluster's `MOVED`/`ASK` once each. The path for keyed commands other
+    /// than GET (SET, DEL, pass-through).
+    pub fn query_key(
+        &self,
+        key: &[u8],
+        hint: usize,
+        cmds: Vec<u8>,
+        count: usize,
+    ) -> Result<Vec<Value>, BackendError> {
+        if let Topology::Single(node) = &self.topology {
+            return node.query(hint, cmds, count);
+        }
+        self.topology.route(
+            key,
+            |node, asking| {
+                if asking {
+                    let mut values = node.query(hint, asking_prefixed(&cmds), count + 1)?;
+                    values.remove(0);
+                    Ok(values)
+                } else {
+                    node.query(hint, cmds.clone(), count)
+                }
+            },
+            |result| result.as_ref().ok().and_then(|v| Redirect::of_values(v)),
+        )
+    }
+
+    /// GET of `key` at its node, following redirections.
+    fn get_routed(&self, key: &[u8], hint: usize) -> Result<GetResult, BackendError> {
+        self.topology.route(
+            key,
+            |node, asking| {
+                if asking {
+                    let cmd = redis::cmd("GET").arg(key).get_packed_command();
+                    let mut values = node.query(hint, asking_prefixed(&cmd), 2)?;
+                    Ok(bulk_or_nil(values.pop().unwrap_or(Value::Nil)))
+                } else {
+                    node.get(hint, key)
+                }
+            },
+            |result| match result {
+                Ok(Err(e)) => Redirect::of_error(e),
+                _ => None,
+            },
+        )
+    }
+
+    /// MGET over a cluster: the keys grouped by their master in one map
+    /// version, one batch per master, in sequence; keys redirected on the
+    /// way are read again one by one through the routing function.
+    fn get_many_cluster(
+        &self,
+        cluster: &cluster::Cluster,
+        keys: &[&[u8]],
+        hint: usize,
+    ) -> Result<Vec<GetResult>, BackendError> {
+        let mut results: Vec<Option<GetResult>> = vec![None; keys.len()];
+        for (node, indexes) in cluster.group(keys) {
+            let Some(node) = node else { continue };
+            let batch: Vec<&[u8]> = indexes.iter().map(|&i| keys[i]).collect();
+            let answers = node.get_many(hint, &batch).inspect_err(|e| {
+                if matches!(e, BackendError::Unavailable(_)) {
+                    cluster.want_refresh();
+                }
+            })?;
+            for (i, answer) in indexes.into_iter().zip(answers) {
+                results[i] = Some(answer);
+            }
+        }
+        keys.iter()
+            .zip(results)
+            .map(|(key, result)| match result {
+                Some(Err(e)) if Redirect::of_error(&e).is_some() => self.get_routed(key, hint),
+                Some(result) => Ok(result),
+                None => self.get_routed(key, hint),
+            })
+            .map(|r| match r {
+                // A dead master fails the whole MGET, as it fails a GET:
+                // answering its keys as nil would pass for absent keys.
+                Ok(Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout))) => Err(e),
+                other => other,
+            })
+            .collect()
+    }
+
     fn count_reply_error<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {
         if matches!(r, Err(BackendError::Reply(_))) {
             self.stats.errors_reply.fetch_add(1, Ordering::Relaxed);
@@ -179,17 +330,18 @@ impl Backend {
 
 impl Redis for Backend {
     fn get(&self, key: &[u8], hint: usize) -> Result<Option<Vec<u8>>, BackendError> {
-        let result = self.topology.node_for(key).get(hint, key)?;
+        let result = match &self.topology {
+            Topology::Single(node) => node.get(hint, key)?,
+            Topology::Cluster(_) => self.get_routed(key, hint)?,
+        };
         self.count_reply_error(result)
     }
 
     fn get_many(&self, keys: &[&[u8]], hint: usize) -> Result<Vec<GetResult>, BackendError> {
-        // One node today: one round trip. With several, the keys split by
-        // node here and each part goes out in one batch.
-        let node = self
-            .topology
-            .node_for(keys.first().copied().unwrap_or_default());
-        node.get_many(hint, keys)
+        match &self.topology {
+            Topology::Single(node) => node.get_many(hint, keys),
+            Topology::Cluster(cluster) => self.get_many_cluster(cluster, keys, hint),
+        }
     }
 
     fn set(
@@ -204,10 +356,7 @@ impl Redis for Backend {
         for option in options {
             cmd.arg(*option);
         }
-        let mut values = self
-            .topology
-            .node_for(key)
-            .query(hint, cmd.get_packed_command(), 1)?;
+        let mut values = self.query_key(key, hint, cmd.get_packed_command(), 1)?;
         let reply = match values.pop().unwrap_or(Value::Nil) {
             Value::Okay => Ok(SetReply::Ok),
             Value::SimpleString(s) if s == "OK" => Ok(SetReply::Ok),
@@ -221,10 +370,10 @@ impl Redis for Backend {
         for key in keys {
             cmd.arg(*key);
         }
-        let node = self
-            .topology
-            .node_for(keys.first().copied().unwrap_or_default());
-        let mut values = node.query(hint, cmd.get_packed_command(), 1)?;
+        // Keys of several slots in a cluster get Redis's own CROSSSLOT error
+        // from the first key's master, as a cluster client would.
+        let first = keys.first().copied().unwrap_or_default();
+        let mut values = self.query_key(first, hint, cmd.get_packed_command(), 1)?;
         let reply = match values.pop().unwrap_or(Value::Nil) {
             Value::Int(n) => Ok(n.max(0) as u64),
             Value::ServerError(err) => Err(BackendError::Reply(server_error_line(&err))),
@@ -237,15 +386,30 @@ impl Redis for Backend {
 
     fn ping(&self, hint: usize) -> bool {
         let cmd = redis::cmd("PING").get_packed_command();
-        self.topology.nodes().all(|node| {
+        let pong = |node: &Node| {
             matches!(node.query(hint, cmd.clone(), 1).as_deref(),
                 Ok([Value::SimpleString(s)]) if s == "PONG")
-        })
+        };
+        match &self.topology {
+            Topology::Single(node) => pong(node),
+            // Ready only when every slot has a master that answers.
+            Topology::Cluster(cluster) => {
+                let map = cluster.map();
+                map.complete() && map.masters().all(pong)
+            }
+        }
     }
 
     fn stats(&self) -> &BackendStats {
         &self.stats
     }
+}
+
+/// `ASKING` followed by `cmds`.
+fn asking_prefixed(cmds: &[u8]) -> Vec<u8> {
+    let mut out = b"*1\r\n$6\r\nASKING\r\n".to_vec();
+    out.extend_from_slice(cmds);
+    out
 }
 
 /// Interprets a GET reply.

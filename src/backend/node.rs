@@ -16,7 +16,7 @@
 //! [`Freshness`] state; that is all it knows of coherence.
 
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -138,16 +138,20 @@ fn stopped() -> BackendError {
 pub struct Node {
     queues: Vec<mpsc::Sender<Job>>,
     timeout: Duration,
+    /// Connections open now (a gauge per node in the metrics).
+    open: Arc<AtomicI64>,
 }
 
 impl Node {
     /// Starts one I/O coroutine per connection; each connects on its first job.
     pub(crate) fn start(options: &BackendOptions, stats: Arc<BackendStats>) -> Node {
         let up = Arc::new(AtomicBool::new(false));
+        let open = Arc::new(AtomicI64::new(0));
         let queues = (0..options.connections.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel();
                 let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
+                io.open = open.clone();
                 let builder = may::coroutine::Builder::new()
                     .name(format!("redis-io-{index}"))
                     .stack_size(IO_STACK_BYTES)
@@ -159,7 +163,13 @@ impl Node {
         Node {
             queues,
             timeout: options.timeout,
+            open,
         }
+    }
+
+    /// The gauge of this node's open connections.
+    pub(crate) fn open_connections(&self) -> Arc<AtomicI64> {
+        self.open.clone()
     }
 
     /// `GET key` on connection `hint % connections`.
@@ -269,6 +279,23 @@ struct Link {
     used: bool,
     /// The invalidation client id this link redirects its tracking to.
     tracking: Option<i64>,
+    _open: OpenGuard,
+}
+
+/// Counts a link in its node's open-connections gauge while it lives.
+struct OpenGuard(Arc<AtomicI64>);
+
+impl OpenGuard {
+    fn new(gauge: &Arc<AtomicI64>) -> OpenGuard {
+        gauge.fetch_add(1, Ordering::Relaxed);
+        OpenGuard(gauge.clone())
+    }
+}
+
+impl Drop for OpenGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// A link's read buffer and the socket read timeout last set on it.
@@ -497,6 +524,7 @@ struct IoLoop {
     retry_error: BackendError,
     rng: u64,
     write_buf: Vec<u8>,
+    open: Arc<AtomicI64>,
 }
 
 impl IoLoop {
@@ -522,6 +550,7 @@ impl IoLoop {
             retry_error: BackendError::Unavailable("reconnecting".into()),
             rng: seed | 1,
             write_buf: Vec::with_capacity(16 * 1024),
+            open: Arc::default(),
         }
     }
 
@@ -783,6 +812,7 @@ impl IoLoop {
             reader: Reader::new(timeout),
             used: false,
             tracking: None,
+            _open: OpenGuard::new(&self.open),
         })
     }
 
