@@ -99,6 +99,15 @@ pub fn start(config: &Config) -> io::Result<Server> {
         seeds,
         config.redis_cluster,
     );
+    if tracked && backend.is_cluster() {
+        // One invalidation connection per master is not built yet; tracking
+        // through one node would leave the other masters' keys unwatched.
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "CACHE_INVALIDATION=tracking is not supported in front of a Redis Cluster yet: \
+             use CACHE_INVALIDATION=off (entries then live until CACHE_TTL_MS)",
+        ));
+    }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {
         tracking.spawn();

@@ -153,6 +153,8 @@ fn routes_keys_to_every_master() {
 #[allow(dead_code)] // Read through Debug in failure messages.
 struct Failure {
     at: Instant,
+    /// How long the failed request took.
+    took: Duration,
     key: String,
     what: String,
 }
@@ -185,6 +187,7 @@ impl Readers {
                     while !stop.load(Ordering::Relaxed) {
                         let (key, want) = &keys[i % keys.len()];
                         i += 1;
+                        let started = Instant::now();
                         let got: Result<Vec<u8>, String> = match (&mut http, &mut con) {
                             (Some(http), _) => {
                                 let r = http.get(&format!("/{}", pct(key)));
@@ -209,6 +212,7 @@ impl Readers {
                         };
                         failures.push(Failure {
                             at: Instant::now(),
+                            took: started.elapsed(),
                             key: key.clone(),
                             what,
                         });
@@ -367,4 +371,119 @@ fn reshard_under_load_loses_no_read() {
     );
     assert_eq!(cluster.master_of(0), to);
     assert!(metric(&proxy, "redis_proxy_redis_redirects_total{kind=\"moved\"}") > 0);
+}
+
+/// A master killed under load (3 masters, 3 replicas, 8 readers), then its
+/// replica promoted with `CLUSTER FAILOVER TAKEOVER`: only that master's
+/// uncached keys fail, each with 503 / `redis unavailable` within
+/// `REDIS_TIMEOUT_MS`, and none later than 2 s after the promotion (plus
+/// slack for a busy machine); cached keys and the other masters' keys never
+/// fail; no restart.
+#[test]
+fn failover_under_load() {
+    let mut cluster = Cluster::start(3, 1);
+    // Values over CACHE_MAX_VALUE_BYTES are never cached.
+    let big = "x".repeat(200);
+    let mut keys = Vec::new();
+    for (port, key) in keys_on_every_master(&cluster, "fo-small", 8) {
+        let value = format!("small-{key}").into_bytes();
+        cluster.set(&key, &value);
+        keys.push((port, key, value));
+    }
+    for (port, key) in keys_on_every_master(&cluster, "fo-big", 8) {
+        let value = format!("{big}-{key}").into_bytes();
+        cluster.set(&key, &value);
+        keys.push((port, key, value));
+    }
+    cluster.wait_replicated(1);
+    let (proxy, port) = start_proxy(&cluster, &[("CACHE_MAX_VALUE_BYTES", "64")]);
+    let mut http = Http::connect(proxy.port());
+    for (_, key, _) in &keys {
+        assert_eq!(http.get(&format!("/{}", pct(key))).status, 200);
+    }
+    let victim = keys[0].0;
+    let replica = cluster.replica_of(victim);
+    let doomed: Vec<String> = keys
+        .iter()
+        .filter(|(p, k, _)| *p == victim && k.starts_with("fo-big"))
+        .map(|(_, k, _)| k.clone())
+        .collect();
+    let readers = Readers::start(
+        proxy.port(),
+        port,
+        8,
+        keys.iter()
+            .map(|(_, k, v)| (k.clone(), v.clone()))
+            .collect(),
+    );
+    thread::sleep(Duration::from_millis(300));
+    cluster.member_mut(victim).redis.stop();
+    let ready = |http: &mut Http| http.get("/-/ready").status;
+    poll_until("/-/ready to say 503 with a master down", || {
+        (ready(&mut http) == 503).then_some(())
+    });
+    thread::sleep(Duration::from_millis(300));
+    let promoted = {
+        let r = &cluster.member(replica).redis;
+        assert_eq!(
+            r.cmd(&[b"DBSIZE"]),
+            redis::Value::Int(16),
+            "the replica's keys"
+        );
+        r.cmd(&[b"CLUSTER", b"FAILOVER", b"TAKEOVER"]);
+        poll_until("the replica to become master", || {
+            common::cluster::info_section(r, "replication")
+                .contains("role:master")
+                .then(Instant::now)
+        })
+    };
+    // Run on past the 2 s bound, so late errors would show.
+    thread::sleep(Duration::from_millis(3500));
+    let (reads, failures) = readers.stop();
+    let recovered = failures
+        .iter()
+        .map(|f| f.at)
+        .max()
+        .map(|last| last.saturating_duration_since(promoted));
+    eprintln!(
+        "failover: {reads} reads, {} failed, last failure {recovered:?} after promotion",
+        failures.len()
+    );
+    for f in &failures {
+        assert!(doomed.contains(&f.key), "a key that should not fail: {f:?}");
+        assert!(
+            f.what.starts_with("503") || f.what.contains("redis unavailable"),
+            "{f:?}"
+        );
+        assert!(f.took < Duration::from_millis(1000 + 500), "{f:?}");
+        assert!(
+            f.at < promoted + Duration::from_millis(2000 + 1500),
+            "failed {:?} after promotion: {f:?}",
+            f.at.saturating_duration_since(promoted)
+        );
+    }
+    assert!(!failures.is_empty(), "killing a master failed no read");
+    assert_eq!(ready(&mut http), 200);
+    // The promoted replica serves the doomed keys now.
+    for key in &doomed {
+        assert_eq!(http.get(&format!("/{}", pct(key))).status, 200, "{key}");
+    }
+}
+
+/// Tracking in front of a cluster is refused at start with a clear line
+/// (one invalidation connection per master is not built yet).
+#[test]
+fn tracking_with_a_cluster_is_refused() {
+    let cluster = Cluster::start(3, 0);
+    let exit = Proxy::builder()
+        .redis_url(cluster.urls())
+        .env("CACHE_INVALIDATION", "tracking")
+        .run_to_exit();
+    assert!(!exit.status.success());
+    assert!(
+        exit.stderr
+            .contains("not supported in front of a Redis Cluster"),
+        "{}",
+        exit.stderr
+    );
 }

@@ -241,7 +241,12 @@ impl Cluster {
         let mut asking = false;
         for _ in 0..2 {
             let result = op(&node, asking);
-            if matches!(result, Err(BackendError::Unavailable(_))) {
+            // A master lost or silent may have failed over: the next map
+            // shows where its slots went.
+            if matches!(
+                result,
+                Err(BackendError::Unavailable(_) | BackendError::Timeout)
+            ) {
                 self.inner.want_refresh();
                 return result;
             }

@@ -296,7 +296,7 @@ impl Backend {
             let Some(node) = node else { continue };
             let batch: Vec<&[u8]> = indexes.iter().map(|&i| keys[i]).collect();
             let answers = node.get_many(hint, &batch).inspect_err(|e| {
-                if matches!(e, BackendError::Unavailable(_)) {
+                if matches!(e, BackendError::Unavailable(_) | BackendError::Timeout) {
                     cluster.want_refresh();
                 }
             })?;

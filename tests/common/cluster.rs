@@ -210,6 +210,21 @@ impl Cluster {
         panic!("too many redirections for {key:?}");
     }
 
+    /// Waits (`WAIT`) until each master's writes reached `replicas` replicas.
+    pub fn wait_replicated(&self, replicas: usize) {
+        for port in self.masters() {
+            let r =
+                self.member(port)
+                    .redis
+                    .cmd(&[b"WAIT", replicas.to_string().as_bytes(), b"5000"]);
+            assert_eq!(
+                r,
+                Value::Int(replicas as i64),
+                "WAIT on the master at {port}"
+            );
+        }
+    }
+
     /// `SET key value` wherever `key` lives.
     pub fn set(&self, key: impl AsRef<[u8]>, value: impl AsRef<[u8]>) {
         let key = key.as_ref();
