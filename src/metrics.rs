@@ -593,6 +593,15 @@ pub const COUNTERS: &[Def] = &[
         read: Read::One(|_, s| load(&s.backend.reconnects)),
     },
     Def {
+        name: "redis_failovers_total",
+        help: "Times the master moved (Sentinel failover followed).",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|_, s| load(&s.backend.failovers)),
+    },
+    Def {
         name: "clients_connected",
         help: "Client connections open now, HTTP and RESP.",
         kind: Kind::Gauge,

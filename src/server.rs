@@ -86,12 +86,25 @@ pub fn start(config: &Config) -> io::Result<Server> {
             metrics.clone(),
         )
     });
+    if target.tls.as_ref().is_some_and(|tls| tls.insecure()) {
+        log::warn!(
+            "REDIS_TLS_INSECURE: the Redis server's certificate is not verified; \
+             anyone on the path can pose as Redis"
+        );
+    }
+    let sentinel = config
+        .sentinel()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let backend = Backend::start(BackendOptions {
         target,
         connections: workers,
         timeout: config.redis_timeout(),
         freshness,
+        sentinel,
     });
+    if let (Some(tracking), Some(master)) = (&tracking, backend.master()) {
+        tracking.follow(master);
+    }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {
         tracking.spawn();

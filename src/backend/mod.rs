@@ -10,8 +10,12 @@
 //! `CLIENT TRACKING` failed); it never calls up into the core.
 //!
 //! # Parts
-//! - `connect`: resolve, TCP connect, AUTH, SELECT, for data links (may
-//!   sockets) and the invalidation listener (a std socket) alike.
+//! - `connect`: resolve, TCP connect, TLS, AUTH, SELECT, for data links (may
+//!   sockets) and the invalidation listener and Sentinel watcher (std
+//!   sockets) alike.
+//! - `tls`: the rustls client configuration of `rediss://`.
+//! - `sentinel`: where the master is (Sentinel-found), and the watcher
+//!   thread that follows it.
 //! - `node`: one node's per-worker pipelined connections (I/O coroutines).
 //! - `topology`: which node serves a key. Today only [`Topology::Single`];
 //!   a Sentinel-found master or a cluster's masters by slot add a variant,
@@ -19,6 +23,8 @@
 
 pub(crate) mod connect;
 mod node;
+pub(crate) mod sentinel;
+pub mod tls;
 mod topology;
 
 use std::fmt;
@@ -29,7 +35,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::coherence::Freshness;
-use crate::config::RedisTarget;
+use crate::config::{RedisTarget, SentinelTarget};
 
 pub use topology::Topology;
 
@@ -70,6 +76,8 @@ pub struct BackendStats {
     pub errors_reply: AtomicU64,
     /// Connections established after the first one of each I/O coroutine.
     pub reconnects: AtomicU64,
+    /// Times the master moved (Sentinel).
+    pub failovers: AtomicU64,
 }
 
 /// One key's outcome inside a multi-key read.
@@ -150,12 +158,16 @@ pub struct BackendOptions {
     pub timeout: Duration,
     /// Where data links report what freshness depends on (tracking only).
     pub freshness: Option<Arc<dyn Freshness>>,
+    /// Find the master through these Sentinels (`target` then gives only
+    /// credentials, db and TLS).
+    pub sentinel: Option<SentinelTarget>,
 }
 
 /// The backing Redis.
 pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
+    master: Option<Arc<sentinel::Master>>,
 }
 
 impl Backend {
@@ -163,10 +175,24 @@ impl Backend {
     /// request, so a dead Redis does not stop the proxy starting.
     pub fn start(options: BackendOptions) -> Backend {
         let stats = Arc::new(BackendStats::default());
+        let master = options
+            .sentinel
+            .as_ref()
+            .map(|sentinel| sentinel::watch(sentinel, &options, stats.clone()));
+        let topology = match &master {
+            None => Topology::single(&options, stats.clone()),
+            Some(master) => Topology::sentinel(&options, stats.clone(), master.clone()),
+        };
         Backend {
-            topology: Topology::single(&options, stats.clone()),
+            topology,
             stats,
+            master,
         }
+    }
+
+    /// Where the master is, with Sentinel (the invalidation listener follows it too).
+    pub(crate) fn master(&self) -> Option<Arc<sentinel::Master>> {
+        self.master.clone()
     }
 
     fn count_reply_error<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {
