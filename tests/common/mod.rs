@@ -11,6 +11,7 @@
 //! of it, hence the `dead_code` allowance.
 #![allow(dead_code)]
 
+pub mod sentinel;
 pub mod tls;
 
 use std::collections::HashSet;
