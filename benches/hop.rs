@@ -112,10 +112,12 @@ fn hop(c: &mut Criterion) {
             db: 0,
             username: None,
             password: None,
+            tls: None,
         },
         connections: 1,
         timeout: Duration::from_secs(1),
         freshness: None,
+        sentinel: None,
     }));
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..KEYS).map(key).collect());
 

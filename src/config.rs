@@ -6,10 +6,13 @@
 //! names the setting and the accepted range (the binary exits 2).
 
 use std::fmt;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::builder::BoolishValueParser;
 use clap::{Parser, ValueEnum};
+
+use crate::backend::tls::{Tls, TlsOptions};
 
 /// Default backing Redis.
 pub const DEFAULT_REDIS_URL: &str = "redis://127.0.0.1:6379/0";
@@ -88,6 +91,14 @@ pub const ENV_NAMES: &[&str] = &[
     "CACHE_MAX_BYTES",
     "CACHE_MAX_VALUE_BYTES",
     "REDIS_CLUSTER",
+    "REDIS_TLS_CA_FILE",
+    "REDIS_TLS_CERT_FILE",
+    "REDIS_TLS_KEY_FILE",
+    "REDIS_TLS_SERVER_NAME",
+    "REDIS_TLS_INSECURE",
+    "REDIS_SENTINELS",
+    "REDIS_SENTINEL_MASTER",
+    "REDIS_SENTINEL_PASSWORD",
 ];
 
 /// How the cache learns that Redis changed a key.
@@ -121,7 +132,7 @@ pub enum ClusterMode {
                   REDIS_HOST, REDIS_PORT and REDIS_DB are used if set."
 )]
 pub struct Config {
-    /// Backing Redis, redis://[user:pass@]host:port/db; for a cluster, several seed URLs separated by commas [default: redis://127.0.0.1:6379/0]
+    /// Backing Redis, redis://[user:pass@]host:port/db, rediss:// for TLS; for a cluster, several seed URLs separated by commas [default: redis://127.0.0.1:6379/0]
     #[arg(long, env = "REDIS_URL", value_name = "URL")]
     pub redis_url: Option<String>,
 
@@ -237,6 +248,59 @@ pub struct Config {
         ignore_case = true
     )]
     pub redis_cluster: ClusterMode,
+    /// PEM bundle that verifies the server (rediss://) [default: the system roots]
+    #[arg(long, env = "REDIS_TLS_CA_FILE", value_name = "FILE")]
+    pub redis_tls_ca_file: Option<PathBuf>,
+
+    /// Client certificate chain (PEM) for mutual TLS; needs --redis-tls-key-file.
+    #[arg(long, env = "REDIS_TLS_CERT_FILE", value_name = "FILE")]
+    pub redis_tls_cert_file: Option<PathBuf>,
+
+    /// Private key (PEM) of the client certificate.
+    #[arg(long, env = "REDIS_TLS_KEY_FILE", value_name = "FILE")]
+    pub redis_tls_key_file: Option<PathBuf>,
+
+    /// Name checked against the server certificate and sent as SNI [default: the host connected to]
+    #[arg(long, env = "REDIS_TLS_SERVER_NAME", value_name = "NAME")]
+    pub redis_tls_server_name: Option<String>,
+
+    /// Skip verification of the server certificate (logged as a warning at start).
+    #[arg(long, env = "REDIS_TLS_INSECURE", action = clap::ArgAction::SetTrue,
+          value_parser = BoolishValueParser::new())]
+    pub redis_tls_insecure: bool,
+
+    /// Sentinels to find the master through, host:port,host:port; unset = no Sentinel.
+    #[arg(long, env = "REDIS_SENTINELS", value_name = "HOST:PORT,...")]
+    pub redis_sentinels: Option<String>,
+
+    /// The master's name in Sentinel (needed with --redis-sentinels).
+    #[arg(long, env = "REDIS_SENTINEL_MASTER", value_name = "NAME")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Password for the Sentinels themselves (the master's comes from REDIS_URL).
+    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", value_name = "PASSWORD")]
+    pub redis_sentinel_password: Option<String>,
+}
+
+/// Where the Sentinels are and which master to ask them for.
+#[derive(Clone, PartialEq, Eq)]
+pub struct SentinelTarget {
+    /// The Sentinels, in the order given; asked in turn.
+    pub sentinels: Vec<(String, u16)>,
+    /// The master's name in Sentinel.
+    pub master: String,
+    /// `AUTH` for the Sentinels.
+    pub password: Option<String>,
+}
+
+impl fmt::Debug for SentinelTarget {
+    // The password never reaches a log line.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SentinelTarget")
+            .field("sentinels", &self.sentinels)
+            .field("master", &self.master)
+            .finish()
+    }
 }
 
 impl Default for Config {
@@ -263,6 +327,14 @@ impl Default for Config {
             cache_max_bytes: 0,
             cache_max_value_bytes: 0,
             redis_cluster: ClusterMode::Auto,
+            redis_tls_ca_file: None,
+            redis_tls_cert_file: None,
+            redis_tls_key_file: None,
+            redis_tls_server_name: None,
+            redis_tls_insecure: false,
+            redis_sentinels: None,
+            redis_sentinel_master: None,
+            redis_sentinel_password: None,
         }
     }
 }
@@ -287,6 +359,8 @@ pub struct RedisTarget {
     pub db: i64,
     pub username: Option<String>,
     pub password: Option<String>,
+    /// TLS (`rediss://`): the loaded client configuration.
+    pub tls: Option<Tls>,
 }
 
 impl fmt::Debug for RedisTarget {
@@ -298,7 +372,15 @@ impl fmt::Debug for RedisTarget {
 
 impl fmt::Display for RedisTarget {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "redis://")?;
+        write!(
+            f,
+            "{}",
+            if self.tls.is_some() {
+                "rediss://"
+            } else {
+                "redis://"
+            }
+        )?;
         match (&self.username, &self.password) {
             (Some(u), Some(_)) => write!(f, "{u}:***@")?,
             (None, Some(_)) => write!(f, ":***@")?,
@@ -369,7 +451,9 @@ impl Config {
 
     /// Checks what flag parsing cannot: the Redis URL and port clashes.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        self.tls()?;
         self.redis_target()?;
+        self.sentinel()?;
         if self.resp_port == Some(self.port) {
             return Err(ConfigError(format!(
                 "RESP_PORT (--resp-port) must differ from PROXY_PORT (--port), both are {}",
@@ -399,7 +483,7 @@ impl Config {
                 .split(',')
                 .map(str::trim)
                 .filter(|url| !url.is_empty())
-                .map(parse_redis_url)
+                .map(|url| self.parse_url(url))
                 .collect::<Result<Vec<_>, _>>()
                 .and_then(|seeds| {
                     if seeds.is_empty() {
@@ -411,6 +495,81 @@ impl Config {
             None => legacy_target(|name| std::env::var(name).ok().filter(|v| !v.is_empty()))
                 .map(|t| vec![t]),
         }
+    }
+
+    /// One `redis://` or `rediss://` URL; `rediss://` loads the TLS settings.
+    fn parse_url(&self, url: &str) -> Result<RedisTarget, ConfigError> {
+        match url.strip_prefix("rediss://") {
+            Some(rest) => {
+                let mut target = parse_redis_url(&format!("redis://{rest}"))?;
+                target.tls = Some(self.tls()?);
+                Ok(target)
+            }
+            None => parse_redis_url(url),
+        }
+    }
+
+    /// The TLS client configuration from the `REDIS_TLS_*` settings, every
+    /// file read and checked (also when `REDIS_URL` is not `rediss://`: a
+    /// file named is a file meant).
+    pub fn tls(&self) -> Result<Tls, ConfigError> {
+        Tls::load(&TlsOptions {
+            ca_file: self.redis_tls_ca_file.as_deref(),
+            cert_file: self.redis_tls_cert_file.as_deref(),
+            key_file: self.redis_tls_key_file.as_deref(),
+            server_name: self.redis_tls_server_name.as_deref(),
+            insecure: self.redis_tls_insecure,
+        })
+    }
+
+    /// The Sentinels to find the master through, when `REDIS_SENTINELS` is set.
+    pub fn sentinel(&self) -> Result<Option<SentinelTarget>, ConfigError> {
+        let Some(list) = &self.redis_sentinels else {
+            if self.redis_sentinel_master.is_some() {
+                return Err(ConfigError(
+                    "REDIS_SENTINEL_MASTER (--redis-sentinel-master) needs REDIS_SENTINELS \
+                     (--redis-sentinels), host:port,host:port"
+                        .into(),
+                ));
+            }
+            return Ok(None);
+        };
+        let bad = |why: String| {
+            ConfigError(format!(
+                "REDIS_SENTINELS (--redis-sentinels) must be host:port,host:port: {why}"
+            ))
+        };
+        let mut sentinels = Vec::new();
+        for part in list.split(',').map(str::trim).filter(|p| !p.is_empty()) {
+            let (host, port) = part
+                .rsplit_once(':')
+                .ok_or_else(|| bad(format!("{part:?} has no port")))?;
+            let host = host.trim_start_matches('[').trim_end_matches(']');
+            let port = match port.parse::<u16>() {
+                Ok(p) if p > 0 && !host.is_empty() => p,
+                _ => return Err(bad(format!("{part:?} is not host:port"))),
+            };
+            sentinels.push((host.to_string(), port));
+        }
+        if sentinels.is_empty() {
+            return Err(bad("no Sentinel given".into()));
+        }
+        let master = self
+            .redis_sentinel_master
+            .clone()
+            .filter(|m| !m.trim().is_empty())
+            .ok_or_else(|| {
+                ConfigError(
+                    "REDIS_SENTINEL_MASTER (--redis-sentinel-master) must name the master \
+                     (as in `sentinel monitor NAME ...`) when REDIS_SENTINELS is set"
+                        .into(),
+                )
+            })?;
+        Ok(Some(SentinelTarget {
+            sentinels,
+            master,
+            password: self.redis_sentinel_password.clone(),
+        }))
     }
 }
 
@@ -433,11 +592,11 @@ fn parse_redis_url(url: &str) -> Result<RedisTarget, ConfigError> {
     use redis::{ConnectionAddr, IntoConnectionInfo};
     let bad = |why: &str| {
         ConfigError(format!(
-            "REDIS_URL (--redis-url) must look like redis://[user:pass@]host:port/db: {why}"
+            "REDIS_URL (--redis-url) must look like redis[s]://[user:pass@]host:port/db: {why}"
         ))
     };
     if !url.starts_with("redis://") {
-        return Err(bad("only the redis:// scheme is supported"));
+        return Err(bad("the scheme must be redis:// or rediss://"));
     }
     let info = url
         .into_connection_info()
@@ -456,6 +615,7 @@ fn parse_redis_url(url: &str) -> Result<RedisTarget, ConfigError> {
         db: settings.db(),
         username: settings.username().map(str::to_string),
         password: settings.password().map(str::to_string),
+        tls: None,
     })
 }
 
@@ -614,6 +774,46 @@ mod tests {
         let bad = parse(&["--redis-url", "redis://a:1,http://b"]).unwrap();
         assert!(bad.validate().is_err());
         assert!(parse(&["--redis-url", ","]).unwrap().validate().is_err());
+    }
+
+    /// `rediss://` loads TLS (shown in the target); Sentinel settings parse
+    /// into a list and need the master's name.
+    #[test]
+    fn tls_and_sentinel_settings() {
+        let c = parse(&["--redis-url", "rediss://:pw@db.example:6380/2"]).unwrap();
+        let t = c.redis_target().unwrap();
+        assert!(t.tls.is_some());
+        assert_eq!(t.to_string(), "rediss://:***@db.example:6380/2");
+        assert!(parse(&[]).unwrap().redis_target().unwrap().tls.is_none());
+
+        let c = parse(&["--redis-sentinels", "10.0.0.1:26379, s2:26380"]).unwrap();
+        assert!(c
+            .sentinel()
+            .unwrap_err()
+            .0
+            .starts_with("REDIS_SENTINEL_MASTER"));
+        let c = parse(&[
+            "--redis-sentinels",
+            "10.0.0.1:26379, s2:26380",
+            "--redis-sentinel-master",
+            "mymaster",
+        ])
+        .unwrap();
+        let s = c.sentinel().unwrap().unwrap();
+        assert_eq!(
+            s.sentinels,
+            vec![("10.0.0.1".to_string(), 26379), ("s2".to_string(), 26380)]
+        );
+        assert_eq!(s.master, "mymaster");
+        let c = parse(&[
+            "--redis-sentinels",
+            "nohost",
+            "--redis-sentinel-master",
+            "m",
+        ])
+        .unwrap();
+        assert!(c.validate().unwrap_err().0.starts_with("REDIS_SENTINELS"));
+        assert_eq!(parse(&[]).unwrap().sentinel(), Ok(None));
     }
 
     /// The RESP and HTTP ports must differ.

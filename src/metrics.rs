@@ -616,6 +616,15 @@ pub const COUNTERS: &[Def] = &[
         read: Read::One(|_, s| load(&s.backend.cluster_refreshes)),
     },
     Def {
+        name: "redis_failovers_total",
+        help: "Times the master moved (Sentinel failover followed).",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|_, s| load(&s.backend.failovers)),
+    },
+    Def {
         name: "redis_connections",
         help: "Redis connections open now, by node (host:port).",
         kind: Kind::Gauge,

@@ -585,6 +585,7 @@ mod tests {
             db: 0,
             username: None,
             password: None,
+            tls: None,
         };
         let listener = Tracking::new(
             target,

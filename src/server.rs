@@ -86,6 +86,15 @@ pub fn start(config: &Config) -> io::Result<Server> {
             metrics.clone(),
         )
     });
+    if target.tls.as_ref().is_some_and(|tls| tls.insecure()) {
+        log::warn!(
+            "REDIS_TLS_INSECURE: the Redis server's certificate is not verified; \
+             anyone on the path can pose as Redis"
+        );
+    }
+    let sentinel = config
+        .sentinel()
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
     let seeds = config
         .redis_seeds()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -95,6 +104,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
             connections: workers,
             timeout: config.redis_timeout(),
             freshness,
+            sentinel,
         },
         seeds,
         config.redis_cluster,
@@ -107,6 +117,9 @@ pub fn start(config: &Config) -> io::Result<Server> {
             "CACHE_INVALIDATION=tracking is not supported in front of a Redis Cluster yet: \
              use CACHE_INVALIDATION=off (entries then live until CACHE_TTL_MS)",
         ));
+    }
+    if let (Some(tracking), Some(master)) = (&tracking, backend.master()) {
+        tracking.follow(master);
     }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {

@@ -17,13 +17,14 @@
 use std::io::Write;
 use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread;
 use std::time::Duration;
 
 use redis::{Parser, Value};
 
-use crate::backend::connect::{connect, ConnectError};
+use crate::backend::connect::{connect, ConnectError, Stream};
+use crate::backend::sentinel::Master;
 use crate::backend::server_error_line;
 use crate::coherence::Freshness;
 use crate::config::RedisTarget;
@@ -41,6 +42,8 @@ pub struct Tracking {
     freshness: Arc<dyn Freshness>,
     metrics: Arc<Metrics>,
     stopped: AtomicBool,
+    /// With Sentinel: where the master is now (the listener moves with it).
+    master: OnceLock<Arc<Master>>,
 }
 
 impl Tracking {
@@ -58,7 +61,14 @@ impl Tracking {
             freshness,
             metrics,
             stopped: AtomicBool::new(false),
+            master: OnceLock::new(),
         })
+    }
+
+    /// Connects wherever `master` says the master is, and reconnects when
+    /// it moves (call before [`Tracking::spawn`]).
+    pub(crate) fn follow(&self, master: Arc<Master>) {
+        self.master.set(master).ok();
     }
 
     /// Stops the invalidation thread at its next wake-up.
@@ -82,7 +92,7 @@ impl Tracking {
         let mut warned = false;
         while !self.stopped.load(Ordering::SeqCst) {
             match self.subscribe() {
-                Ok((stream, parser, id)) => {
+                Ok((stream, parser, id, generation)) => {
                     if connected_before {
                         self.metrics
                             .tracking_reconnects
@@ -93,7 +103,7 @@ impl Tracking {
                     backoff = Duration::from_millis(25);
                     log::info!("invalidation connection up (client id {id})");
                     self.freshness.listener_up(id);
-                    let why = self.listen(stream, parser);
+                    let why = self.listen(stream, parser, generation);
                     self.freshness.listener_down();
                     log::warn!("invalidation connection lost ({why}); cache emptied");
                 }
@@ -111,7 +121,7 @@ impl Tracking {
 
     /// Opens the invalidation connection: the shared handshake, then
     /// CLIENT ID and SUBSCRIBE.
-    fn subscribe(&self) -> Result<(TcpStream, Parser, i64), String> {
+    fn subscribe(&self) -> Result<(Stream<TcpStream>, Parser, i64, u64), String> {
         let mut cmds = Vec::new();
         redis::cmd("CLIENT")
             .arg("ID")
@@ -119,7 +129,13 @@ impl Tracking {
         redis::cmd("SUBSCRIBE")
             .arg(CHANNEL)
             .write_packed_command(&mut cmds);
-        let (conn, replies) = connect::<TcpStream>(&self.target, self.timeout, &cmds, 2)
+        let (target, generation) = match self.master.get() {
+            None => (self.target.clone(), 0),
+            Some(master) => master
+                .target(&self.target)
+                .ok_or("no master found through Sentinel yet")?,
+        };
+        let (conn, replies) = connect::<TcpStream>(&target, self.timeout, &cmds, 2)
             .map_err(|e: ConnectError| e.to_string())?;
         let mut id = -1;
         for reply in replies {
@@ -132,11 +148,11 @@ impl Tracking {
         if id < 0 {
             return Err("CLIENT ID gave no id".into());
         }
-        Ok((conn.stream, conn.parser, id))
+        Ok((conn.stream, conn.parser, id, generation))
     }
 
     /// Applies invalidation messages until the connection fails; returns why.
-    fn listen(&self, mut stream: TcpStream, mut parser: Parser) -> String {
+    fn listen(&self, mut stream: Stream<TcpStream>, mut parser: Parser, generation: u64) -> String {
         // A silent connection is probed with PING; two silent periods in a
         // row mean it is dead even if TCP has not noticed.
         let period = self.timeout.max(Duration::from_secs(1));
@@ -152,6 +168,13 @@ impl Tracking {
                     self.apply(value);
                 }
                 Err(e) if e.is_timeout() => {
+                    if self
+                        .master
+                        .get()
+                        .is_some_and(|m| m.generation() != generation)
+                    {
+                        return "the master moved".into();
+                    }
                     silent += 1;
                     if silent >= 2 {
                         return "no answer to PING".into();

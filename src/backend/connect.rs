@@ -1,9 +1,14 @@
-//! The one connect path: resolve, TCP connect, AUTH, SELECT (HELLO and TLS
-//! join here). Every connection to Redis opens through [`connect`]: the data
-//! links over may sockets, the invalidation listener over a std socket on
-//! its own thread. Each step is bounded by the timeout, and a failure says
-//! whether Redis was reached: a handshake that gets no reply in time is a
+//! The one connect path: resolve, TCP connect, TLS (`rediss://`), AUTH,
+//! SELECT (HELLO joins here). Every connection to Redis opens through
+//! [`connect`]: the data links over may sockets, the invalidation listener
+//! and the Sentinel watcher over std sockets on threads of their own. Each
+//! step is bounded by the timeout, and a failure says whether Redis was
+//! reached: a handshake that gets no reply in time is a
 //! [`ConnectError::Stalled`] (a timeout, 504), not "unavailable".
+//!
+//! A connection is a [`Stream`]: the socket itself, or rustls over it. Both
+//! are plain `Read + Write`, and read timeouts stay the socket's (may parks
+//! the coroutine on the socket under rustls just the same).
 
 use std::fmt;
 use std::io::{self, Read, Write};
@@ -11,8 +16,9 @@ use std::net::{SocketAddr, ToSocketAddrs};
 use std::time::Duration;
 
 use redis::{Parser, Value};
+use rustls::{ClientConnection, StreamOwned};
 
-use super::{server_error_line, BackendError};
+use super::{server_error_line, tls, BackendError};
 use crate::config::RedisTarget;
 
 /// A socket the connect path can open: may's (for coroutines) or std's (for
@@ -20,6 +26,7 @@ use crate::config::RedisTarget;
 pub(crate) trait Socket: Read + Write + Sized {
     fn open(addr: &SocketAddr, timeout: Duration) -> io::Result<Self>;
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()>;
+    fn set_read(&self, read: Option<Duration>) -> io::Result<()>;
 }
 
 impl Socket for may::net::TcpStream {
@@ -32,6 +39,9 @@ impl Socket for may::net::TcpStream {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
     }
+    fn set_read(&self, read: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)
+    }
 }
 
 impl Socket for std::net::TcpStream {
@@ -43,6 +53,72 @@ impl Socket for std::net::TcpStream {
     fn set_timeouts(&self, read: Option<Duration>, write: Option<Duration>) -> io::Result<()> {
         self.set_read_timeout(read)?;
         self.set_write_timeout(write)
+    }
+    fn set_read(&self, read: Option<Duration>) -> io::Result<()> {
+        self.set_read_timeout(read)
+    }
+}
+
+/// A connection's bytes: plain TCP, or TLS over it.
+pub(crate) enum Stream<S: Socket> {
+    Plain(S),
+    Tls(Box<StreamOwned<ClientConnection, S>>),
+}
+
+/// The stream of a data link (a may socket, for the I/O coroutines).
+pub(crate) type DataStream = Stream<may::net::TcpStream>;
+
+impl<S: Socket> Stream<S> {
+    fn socket(&self) -> &S {
+        match self {
+            Stream::Plain(s) => s,
+            Stream::Tls(tls) => &tls.sock,
+        }
+    }
+
+    /// Sets the socket's read timeout (under TLS too).
+    pub(crate) fn set_read_timeout(&self, read: Option<Duration>) -> io::Result<()> {
+        self.socket().set_read(read)
+    }
+
+    /// Sets the socket's read and write timeouts.
+    pub(crate) fn set_timeouts(
+        &self,
+        read: Option<Duration>,
+        write: Option<Duration>,
+    ) -> io::Result<()> {
+        self.socket().set_timeouts(read, write)
+    }
+}
+
+impl<S: Socket> Read for Stream<S> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.read(buf),
+            Stream::Tls(tls) => tls.read(buf),
+        }
+    }
+}
+
+impl<S: Socket> Write for Stream<S> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Plain(s) => s.write(buf),
+            // rustls buffers what it encrypts; push it to the socket now,
+            // so a write that returns has left as a plain one would have.
+            Stream::Tls(tls) => {
+                let n = tls.write(buf)?;
+                tls.flush()?;
+                Ok(n)
+            }
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Stream::Plain(s) => s.flush(),
+            Stream::Tls(tls) => tls.flush(),
+        }
     }
 }
 
@@ -78,8 +154,8 @@ impl From<ConnectError> for BackendError {
 }
 
 /// An open, authenticated connection and its parser state.
-pub(crate) struct Conn<S> {
-    pub stream: S,
+pub(crate) struct Conn<S: Socket> {
+    pub stream: Stream<S>,
     pub parser: Parser,
 }
 
@@ -94,12 +170,23 @@ pub(crate) fn connect<S: Socket>(
     extra_replies: usize,
 ) -> Result<(Conn<S>, Vec<Value>), ConnectError> {
     let addr = resolve(&target.host, target.port).map_err(ConnectError::Unreachable)?;
-    let stream = S::open(&addr, timeout).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let socket = S::open(&addr, timeout).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let stream = match &target.tls {
+        None => Stream::Plain(socket),
+        Some(tls) => Stream::Tls(Box::new(tls_handshake(tls, &target.host, socket, timeout)?)),
+    };
     let mut conn = Conn {
         stream,
         parser: Parser::new(),
     };
-    let (mut cmds, handshake) = handshake(target);
+    let (mut cmds, mut handshake) = handshake(target);
+    if target.tls.is_some() && handshake == 0 {
+        // A TLS 1.3 server refuses a client certificate only after the
+        // handshake: one round trip here makes that a failed connect, with
+        // its reason, rather than a link that dies on its first request.
+        redis::cmd("PING").write_packed_command(&mut cmds);
+        handshake += 1;
+    }
     cmds.extend_from_slice(extra);
     if cmds.is_empty() {
         return Ok((conn, Vec::new()));
@@ -123,10 +210,47 @@ pub(crate) fn connect<S: Socket>(
             Ok(_) if i < handshake => {}
             Ok(value) => replies.push(value),
             Err(e) if e.is_timeout() => return Err(ConnectError::Stalled),
-            Err(e) => return Err(ConnectError::Unreachable(format!("setup failed: {e}"))),
+            Err(e) => {
+                // The redis crate keeps the I/O error (and in it, rustls's)
+                // behind an `Arc<dyn Error>`.
+                type Shared = std::sync::Arc<dyn std::error::Error + Send + Sync>;
+                let tls = std::error::Error::source(&e)
+                    .and_then(|s| s.downcast_ref::<Shared>())
+                    .and_then(|inner| (**inner).downcast_ref::<io::Error>())
+                    .and_then(tls::describe);
+                return Err(ConnectError::Unreachable(
+                    tls.unwrap_or_else(|| format!("setup failed: {e}")),
+                ));
+            }
         }
     }
     Ok((conn, replies))
+}
+
+/// The TLS handshake over `socket`, each read and write of it bounded by
+/// `timeout`.
+fn tls_handshake<S: Socket>(
+    tls: &tls::Tls,
+    host: &str,
+    socket: S,
+    timeout: Duration,
+) -> Result<StreamOwned<ClientConnection, S>, ConnectError> {
+    socket
+        .set_timeouts(Some(timeout), Some(timeout))
+        .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+    let session = tls.session(host).map_err(ConnectError::Unreachable)?;
+    let mut stream = StreamOwned::new(session, socket);
+    while stream.conn.is_handshaking() {
+        if let Err(e) = stream.conn.complete_io(&mut stream.sock) {
+            if is_timeout(&e) {
+                return Err(ConnectError::Stalled);
+            }
+            return Err(ConnectError::Unreachable(
+                tls::describe(&e).unwrap_or_else(|| format!("TLS handshake failed: {e}")),
+            ));
+        }
+    }
+    Ok(stream)
 }
 
 /// The handshake commands for `target` and how many replies they produce.
@@ -177,6 +301,7 @@ mod tests {
             db,
             username: None,
             password: password.map(Into::into),
+            tls: None,
         }
     }
 

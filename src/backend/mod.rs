@@ -10,8 +10,12 @@
 //! `CLIENT TRACKING` failed); it never calls up into the core.
 //!
 //! # Parts
-//! - `connect`: resolve, TCP connect, AUTH, SELECT, for data links (may
-//!   sockets) and the invalidation listener (a std socket) alike.
+//! - `connect`: resolve, TCP connect, TLS, AUTH, SELECT, for data links (may
+//!   sockets) and the invalidation listener and Sentinel watcher (std
+//!   sockets) alike.
+//! - `tls`: the rustls client configuration of `rediss://`.
+//! - `sentinel`: where the master is (Sentinel-found), and the watcher
+//!   thread that follows it.
 //! - `node`: one node's per-worker pipelined connections (I/O coroutines).
 //! - `topology`: which node serves a key: [`Topology::Single`] or
 //!   [`Topology::Cluster`] (a Sentinel-found master adds a variant), and the
@@ -23,7 +27,9 @@
 mod cluster;
 pub(crate) mod connect;
 mod node;
+pub(crate) mod sentinel;
 pub mod slot;
+pub mod tls;
 mod topology;
 
 use std::fmt;
@@ -34,7 +40,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::coherence::Freshness;
-use crate::config::RedisTarget;
+use crate::config::{RedisTarget, SentinelTarget};
 
 pub use cluster::{NodeGauges, Redirect};
 pub use topology::Topology;
@@ -79,6 +85,8 @@ pub struct BackendStats {
     pub errors_reply: AtomicU64,
     /// Connections established after the first one of each I/O coroutine.
     pub reconnects: AtomicU64,
+    /// Times the master moved (Sentinel).
+    pub failovers: AtomicU64,
     /// `MOVED` redirections followed (cluster).
     pub redirects_moved: AtomicU64,
     /// `ASK` redirections followed (cluster).
@@ -177,12 +185,16 @@ pub struct BackendOptions {
     pub timeout: Duration,
     /// Where data links report what freshness depends on (tracking only).
     pub freshness: Option<Arc<dyn Freshness>>,
+    /// Find the master through these Sentinels (`target` then gives only
+    /// credentials, db and TLS).
+    pub sentinel: Option<SentinelTarget>,
 }
 
 /// The backing Redis.
 pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
+    master: Option<Arc<sentinel::Master>>,
 }
 
 impl Backend {
@@ -190,9 +202,18 @@ impl Backend {
     /// request, so a dead Redis does not stop the proxy starting.
     pub fn start(options: BackendOptions) -> Backend {
         let stats = Arc::new(BackendStats::default());
+        let master = options
+            .sentinel
+            .as_ref()
+            .map(|sentinel| sentinel::watch(sentinel, &options, stats.clone()));
+        let topology = match &master {
+            None => Topology::single(&options, stats.clone()),
+            Some(master) => Topology::sentinel(&options, stats.clone(), master.clone()),
+        };
         Backend {
-            topology: Topology::single(&options, stats.clone()),
+            topology,
             stats,
+            master,
         }
     }
 
@@ -206,7 +227,9 @@ impl Backend {
         seeds: Vec<RedisTarget>,
         mode: ClusterMode,
     ) -> Backend {
+        // A Sentinel-found master is one Redis, never a cluster.
         let cluster = match mode {
+            _ if options.sentinel.is_some() => false,
             ClusterMode::On => true,
             ClusterMode::Off => false,
             ClusterMode::Auto => cluster::detect(&seeds, options.timeout).unwrap_or_else(|| {
@@ -225,6 +248,7 @@ impl Backend {
         Backend {
             topology: Topology::cluster(&options, seeds, stats.clone()),
             stats,
+            master: None,
         }
     }
 
@@ -318,6 +342,11 @@ impl Backend {
                 other => other,
             })
             .collect()
+    }
+
+    /// Where the master is, with Sentinel (the invalidation listener follows it too).
+    pub(crate) fn master(&self) -> Option<Arc<sentinel::Master>> {
+        self.master.clone()
     }
 
     fn count_reply_error<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {

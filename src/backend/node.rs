@@ -24,7 +24,8 @@ use may::net::TcpStream;
 use may::sync::{mpsc, Blocker};
 use redis::Value;
 
-use super::connect::{connect, ConnectError, Socket};
+use super::connect::{connect, ConnectError, DataStream};
+use super::sentinel::Master;
 use super::{
     bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult,
 };
@@ -145,13 +146,27 @@ pub struct Node {
 impl Node {
     /// Starts one I/O coroutine per connection; each connects on its first job.
     pub(crate) fn start(options: &BackendOptions, stats: Arc<BackendStats>) -> Node {
+        Node::start_at(options, stats, None)
+    }
+
+    /// [`Node::start`] for a node whose address can change: with `master`,
+    /// each connection goes where the Sentinel watcher last found the master,
+    /// and moves when it moves.
+    pub(crate) fn start_at(
+        options: &BackendOptions,
+        stats: Arc<BackendStats>,
+        master: Option<Arc<Master>>,
+    ) -> Node {
         let up = Arc::new(AtomicBool::new(false));
         let open = Arc::new(AtomicI64::new(0));
+        let warned = Arc::new(Mutex::new(None));
         let queues = (0..options.connections.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel();
                 let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
                 io.open = open.clone();
+                io.master = master.clone();
+                io.warned = warned.clone();
                 let builder = may::coroutine::Builder::new()
                     .name(format!("redis-io-{index}"))
                     .stack_size(IO_STACK_BYTES)
@@ -272,7 +287,7 @@ fn itoa_buf(mut n: usize) -> Digits {
 
 /// The live socket of one connection and its read state.
 struct Link {
-    stream: TcpStream,
+    stream: DataStream,
     reader: Reader,
     /// Whether a batch has completed on it: a failure on a link that worked
     /// before may just mean Redis closed it while idle, worth one retry.
@@ -327,7 +342,7 @@ impl Reader {
     }
 
     /// Reads at least one more byte, or fails by `deadline`.
-    fn fill(&mut self, stream: &mut TcpStream, deadline: Instant) -> io::Result<()> {
+    fn fill(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<()> {
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -375,7 +390,7 @@ impl Reader {
         }
     }
 
-    fn set_timeout(&mut self, stream: &TcpStream, left: Duration) -> io::Result<()> {
+    fn set_timeout(&mut self, stream: &DataStream, left: Duration) -> io::Result<()> {
         let left = left.max(Duration::from_millis(1));
         stream.set_read_timeout(Some(left))?;
         self.read_timeout = left;
@@ -383,7 +398,7 @@ impl Reader {
     }
 
     /// The next whole reply frame, reading as needed.
-    fn frame(&mut self, stream: &mut TcpStream, deadline: Instant) -> io::Result<(usize, usize)> {
+    fn frame(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<(usize, usize)> {
         loop {
             if let Some(len) = frame_len(&self.buf[self.start..self.end])? {
                 let at = self.start;
@@ -397,7 +412,7 @@ impl Reader {
     /// The next reply as a GET answer: bulk bytes, nil, or what Redis said
     /// instead (an error line, another type), without building a `Value`
     /// for the common cases.
-    fn get_reply(&mut self, stream: &mut TcpStream, deadline: Instant) -> io::Result<GetResult> {
+    fn get_reply(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<GetResult> {
         let (at, len) = self.frame(stream, deadline)?;
         let frame = &self.buf[at..at + len];
         match frame[0] {
@@ -412,7 +427,7 @@ impl Reader {
 
     /// The next reply as a `Value` (the redis crate's parser, for the
     /// commands other than GET).
-    fn value(&mut self, stream: &mut TcpStream, deadline: Instant) -> io::Result<Value> {
+    fn value(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<Value> {
         let (at, len) = self.frame(stream, deadline)?;
         self.value_of(at, len)
     }
@@ -525,6 +540,13 @@ struct IoLoop {
     rng: u64,
     write_buf: Vec<u8>,
     open: Arc<AtomicI64>,
+    /// Where the master is, with Sentinel; the link was opened at its
+    /// `link_generation`.
+    master: Option<Arc<Master>>,
+    link_generation: u64,
+    /// The last connect failure logged for this node: each reason is logged
+    /// once for all its connections, not once per connection and attempt.
+    warned: Arc<Mutex<Option<String>>>,
 }
 
 impl IoLoop {
@@ -551,6 +573,9 @@ impl IoLoop {
             rng: seed | 1,
             write_buf: Vec::with_capacity(16 * 1024),
             open: Arc::default(),
+            master: None,
+            link_generation: 0,
+            warned: Arc::new(Mutex::new(None)),
         }
     }
 
@@ -585,6 +610,7 @@ impl IoLoop {
         if batch.is_empty() {
             return;
         }
+        self.follow_master();
         for attempt in 0..2 {
             if let Err(err) = self.ensure_link() {
                 self.fail_all(batch, err.clone());
@@ -677,6 +703,13 @@ impl IoLoop {
                 }
             };
             match answer {
+                Ok(Answer::Values(values)) if values.iter().any(is_readonly) => {
+                    // A master that became a replica: ask Sentinel again.
+                    if let Some(master) = &self.master {
+                        master.suspect("a READONLY reply");
+                    }
+                    job.answer(Ok(Answer::Values(values)))
+                }
                 Ok(answer) => job.answer(Ok(answer)),
                 Err(e) if is_timeout(&e) => {
                     self.drop_link("reply timed out");
@@ -772,19 +805,26 @@ impl IoLoop {
                     }
                 }
                 self.connected_before = true;
+                *self.warned.lock().unwrap_or_else(|e| e.into_inner()) = None;
                 self.backoff = MIN_BACKOFF;
                 self.retry_at = None;
                 self.link = Some(link);
                 Ok(())
             }
             Err(why) => {
-                if self.retry_at.is_none() {
+                if let Some(master) = &self.master {
+                    master.suspect("a failed connect");
+                }
+                let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+                if self.retry_at.is_none() && warned.as_deref() != Some(why.to_string().as_str()) {
                     log::warn!(
                         "redis connection {} to {} failed: {why}",
                         self.index,
                         self.options.target
                     );
+                    *warned = Some(why.to_string());
                 }
+                drop(warned);
                 self.up.store(false, Ordering::Relaxed);
                 let err = BackendError::from(why);
                 self.retry_error = match err {
@@ -799,9 +839,20 @@ impl IoLoop {
         }
     }
 
-    fn connect(&self) -> Result<Link, ConnectError> {
+    fn connect(&mut self) -> Result<Link, ConnectError> {
         let timeout = self.options.timeout;
-        let (conn, _) = connect::<TcpStream>(&self.options.target, timeout, &[], 0)?;
+        let target = match &self.master {
+            None => self.options.target.clone(),
+            Some(master) => {
+                let (target, generation) =
+                    master.target(&self.options.target).ok_or_else(|| {
+                        ConnectError::Unreachable("no master found through Sentinel yet".into())
+                    })?;
+                self.link_generation = generation;
+                target
+            }
+        };
+        let (conn, _) = connect::<TcpStream>(&target, timeout, &[], 0)?;
         // Set once per connection; `Reader` lowers the read timeout only
         // when a deadline needs it.
         conn.stream
@@ -819,7 +870,31 @@ impl IoLoop {
     fn drop_link(&mut self, why: &str) {
         if self.link.take().is_some() {
             log::debug!("redis connection {} dropped: {why}", self.index);
+            if let Some(master) = &self.master {
+                master.suspect("a lost connection");
+            }
         }
+    }
+
+    /// With Sentinel: a link to where the master was is dropped once it
+    /// moved, and a pending reconnect goes at once to where it is now.
+    fn follow_master(&mut self) {
+        let Some(master) = &self.master else {
+            return;
+        };
+        if master.generation() == self.link_generation {
+            return;
+        }
+        if self.link.take().is_some() {
+            log::info!(
+                "redis connection {} follows the master to its new address",
+                self.index
+            );
+        }
+        self.retry_at = None;
+        self.backoff = MIN_BACKOFF;
+        // Once per move: a connect that fails now backs off as usual.
+        self.link_generation = master.generation();
     }
 
     /// Fails every job of `jobs` with `err`.
@@ -852,6 +927,11 @@ impl IoLoop {
 enum RoundTrip {
     Retry(String),
     Done,
+}
+
+/// `-READONLY ...`: the node is a replica now.
+fn is_readonly(value: &Value) -> bool {
+    matches!(value, Value::ServerError(err) if err.code() == "READONLY")
 }
 
 #[cfg(test)]

@@ -12,6 +12,8 @@
 #![allow(dead_code)]
 
 pub mod cluster;
+pub mod sentinel;
+pub mod tls;
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};

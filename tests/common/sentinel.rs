@@ -1,0 +1,143 @@
+//! Sentinel harness: a `redis-sentinel` (redis-server `--sentinel`) of our
+//! own on a free loopback port, monitoring one master with quorum 1 and
+//! `down-after-milliseconds 1000`; its config file (which Sentinel rewrites)
+//! in a temp dir of its own; killed on drop.
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use super::{free_port, ping, Drain, Redis, DEADLINE, POLL};
+
+/// The master's name every test Sentinel monitors.
+pub const MASTER: &str = "mymaster";
+
+static DIRS: AtomicU32 = AtomicU32::new(0);
+
+/// A running Sentinel.
+pub struct Sentinel {
+    port: u16,
+    child: Option<Child>,
+    dir: PathBuf,
+    out: Drain,
+}
+
+impl Sentinel {
+    /// Starts a Sentinel monitoring the master on `master_port` as
+    /// [`MASTER`], and waits until it answers PING.
+    pub fn start(master_port: u16) -> Sentinel {
+        Sentinel::start_on(free_port(), master_port)
+    }
+
+    /// [`Sentinel::start`] on a given port.
+    pub fn start_on(port: u16, master_port: u16) -> Sentinel {
+        let dir = std::env::temp_dir().join(format!(
+            "redis-proxy-sentinel-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the Sentinel dir");
+        let conf = dir.join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                 sentinel monitor {MASTER} 127.0.0.1 {master_port} 1\n\
+                 sentinel down-after-milliseconds {MASTER} 1000\n\
+                 sentinel failover-timeout {MASTER} 10000\n",
+                dir.display()
+            ),
+        )
+        .expect("write sentinel.conf");
+        let mut child = Command::new("redis-server")
+            .arg(&conf)
+            .arg("--sentinel")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn redis-server --sentinel");
+        let out = Drain::spawn(child.stdout.take().expect("piped stdout"));
+        Drain::spawn(child.stderr.take().expect("piped stderr"));
+        let end = Instant::now() + DEADLINE;
+        while !ping(port) {
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("sentinel exited ({status}): {}", out.text());
+            }
+            assert!(
+                Instant::now() < end,
+                "sentinel on {port} never answered PING"
+            );
+            thread::sleep(POLL);
+        }
+        Sentinel {
+            port,
+            child: Some(child),
+            dir,
+            out,
+        }
+    }
+
+    /// The port it listens on.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// What it logged so far (its failover steps), for failure messages.
+    pub fn logs(&self) -> String {
+        self.out.text()
+    }
+
+    /// Waits until it lists `replica` as a replica of [`MASTER`] (it learns
+    /// them from the master's INFO), so a failover has somewhere to go.
+    pub fn wait_for_replica(&self, replica: &Redis) {
+        let port = replica.port().to_string();
+        super::poll_until("Sentinel to know the replica", || {
+            let reply = self.query(&format!(
+                "*3\r\n$8\r\nSENTINEL\r\n$8\r\nREPLICAS\r\n${}\r\n{MASTER}\r\n",
+                MASTER.len()
+            ));
+            (reply.contains(&port) && !reply.contains("disconnected")).then_some(())
+        });
+    }
+
+    /// One raw command, its reply as text.
+    fn query(&self, command: &str) -> String {
+        let attempt = || -> std::io::Result<String> {
+            let mut s = TcpStream::connect(("127.0.0.1", self.port))?;
+            s.set_read_timeout(Some(Duration::from_millis(500)))?;
+            s.write_all(command.as_bytes())?;
+            let mut buf = vec![0; 64 * 1024];
+            let n = s.read(&mut buf)?;
+            Ok(String::from_utf8_lossy(&buf[..n]).into_owned())
+        };
+        attempt().unwrap_or_default()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether the server on `port` says `ROLE` master.
+pub fn is_master(port: u16) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_millis(500)))?;
+        s.write_all(b"*1\r\n$4\r\nROLE\r\n")?;
+        let mut buf = [0u8; 64];
+        let n = s.read(&mut buf)?;
+        Ok(buf[..n].windows(6).any(|w| w == b"master"))
+    };
+    attempt().unwrap_or(false)
+}

@@ -1,0 +1,230 @@
+//! System tests of Sentinel (README "Sentinel"): the real binary finding
+//! its master through a real Sentinel (tests/common/sentinel.rs) in front of
+//! a real master and replica, all on free loopback ports.
+
+mod common;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread;
+use std::time::{Duration, Instant};
+
+use common::sentinel::{is_master, Sentinel, MASTER};
+use common::{free_port, metric, poll_for, poll_until, Proxy, Redis};
+
+/// A proxy that finds its master through `sentinels` (host and port in
+/// REDIS_URL are unused; credentials and db come from it).
+fn proxy(sentinels: &[u16], env: &[(&str, &str)]) -> Proxy {
+    let list: Vec<String> = sentinels.iter().map(|p| format!("127.0.0.1:{p}")).collect();
+    Proxy::builder()
+        .redis_url("redis://127.0.0.1:1/0")
+        .env("REDIS_SENTINELS", &list.join(","))
+        .env("REDIS_SENTINEL_MASTER", MASTER)
+        .envs(env)
+        .start()
+}
+
+/// One request's outcome, timed.
+struct Sample {
+    start: Instant,
+    end: Instant,
+    status: u16,
+}
+
+/// Reads `/<key>` in a loop on its own keep-alive connections until `stop`.
+fn load(proxy: &Proxy, key: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<Vec<Sample>> {
+    let port = proxy.port();
+    let target = format!("/{key}");
+    thread::spawn(move || {
+        let mut samples = Vec::new();
+        while !stop.load(Ordering::SeqCst) {
+            let start = Instant::now();
+            let status = common::Http::try_connect(port)
+                .and_then(|mut c| c.request("GET", &target, &[]))
+                .map_or(0, |r| r.status);
+            samples.push(Sample {
+                start,
+                end: Instant::now(),
+                status,
+            });
+            thread::sleep(Duration::from_millis(10));
+        }
+        samples
+    })
+}
+
+/// The master is killed under read load: cached keys answer 200 throughout;
+/// uncached keys fail until the replica is promoted and are served again
+/// within 2 s of the promotion, without a restart; the failover counts.
+/// The first Sentinel listed is down the whole time.
+#[test]
+fn failover_under_read_load() {
+    let mut master = Redis::start();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    master.set("cached", "c");
+    master.set("big", "v".repeat(100));
+    poll_until("the replica to sync", || {
+        matches!(replica.cmd(&[b"GET", b"big"]), redis::Value::BulkString(_)).then_some(())
+    });
+    let sentinel = Sentinel::start(master.port());
+    sentinel.wait_for_replica(&replica);
+    // Values over 16 bytes are never cached: /big always reads the master.
+    let proxy = proxy(
+        &[free_port(), sentinel.port()],
+        &[
+            ("CACHE_TTL_MS", "600000"),
+            ("CACHE_MAX_VALUE_BYTES", "16"),
+            ("REDIS_TIMEOUT_MS", "500"),
+        ],
+    );
+    poll_until("/big to be served through Sentinel", || {
+        (proxy.get("/big").status == 200).then_some(())
+    });
+    assert_eq!(proxy.get("/cached").status, 200);
+    assert_eq!(proxy.get("/cached").x_cache(), Some("HIT"));
+
+    let stop = Arc::new(AtomicBool::new(false));
+    let cached = load(&proxy, "cached", stop.clone());
+    let uncached = load(&proxy, "big", stop.clone());
+    thread::sleep(Duration::from_millis(200));
+    let killed = Instant::now();
+    master.stop();
+    let promoted = poll_for(
+        Duration::from_secs(30),
+        "the replica's promotion",
+        &mut || is_master(replica.port()).then(Instant::now),
+    );
+    let served = Arc::new(Mutex::new(None));
+    poll_for(
+        Duration::from_secs(10),
+        "/big to be served by the new master",
+        &mut || {
+            let r = proxy.get("/big");
+            if r.status == 200 {
+                *served.lock().unwrap() = Some(Instant::now());
+                return Some(());
+            }
+            None
+        },
+    );
+    thread::sleep(Duration::from_millis(300));
+    stop.store(true, Ordering::SeqCst);
+    let cached = cached.join().unwrap();
+    let uncached = uncached.join().unwrap();
+
+    let failed: Vec<u16> = cached
+        .iter()
+        .filter(|s| s.status != 200)
+        .map(|s| s.status)
+        .collect();
+    assert!(failed.is_empty(), "cached key failed: {failed:?}");
+    assert!(cached.iter().any(|s| s.start > killed && s.end < promoted));
+    // Uncached reads: the first failure after the kill, then the first
+    // success after it (from the load loop, the finer measure).
+    let down = uncached
+        .iter()
+        .find(|s| s.start >= killed && s.status != 200)
+        .expect("an uncached read failed while the master was down");
+    let back = uncached
+        .iter()
+        .find(|s| s.start >= down.end && s.status == 200)
+        .map_or_else(|| served.lock().unwrap().unwrap(), |s| s.end);
+    let recovery = back.saturating_duration_since(promoted);
+    println!(
+        "sentinel failover: master killed -> replica promoted {:?}; promoted -> uncached \
+         keys served {:?} (kill -> served {:?})",
+        promoted - killed,
+        recovery,
+        back - killed
+    );
+    assert!(
+        recovery < Duration::from_secs(2),
+        "served again {recovery:?} after the promotion\nproxy:\n{}\nsentinel:\n{}",
+        proxy.logs(),
+        sentinel.logs()
+    );
+    poll_until("redis_failovers_total to count the move", || {
+        (metric(&proxy, "redis_proxy_redis_failovers_total") == 1).then_some(())
+    });
+}
+
+/// Two of three Sentinels are down at start: the proxy asks each in turn
+/// and finds the master through the third.
+#[test]
+fn sentinels_partly_down_at_start() {
+    let master = Redis::start();
+    master.set("k", "v");
+    let sentinel = Sentinel::start(master.port());
+    let proxy = proxy(&[free_port(), free_port(), sentinel.port()], &[]);
+    poll_until("/k to be served through the third Sentinel", || {
+        let r = proxy.get("/k");
+        (r.status == 200 && r.body == b"v").then_some(())
+    });
+    assert_eq!(proxy.get("/-/ready").status, 200);
+    assert_eq!(metric(&proxy, "redis_proxy_redis_failovers_total"), 0);
+}
+
+/// No Sentinel answers: 503 `redis unavailable` and not ready, until one
+/// starts; then the master is found without a restart.
+#[test]
+fn no_sentinel_up_then_one_starts() {
+    let master = Redis::start();
+    master.set("k", "v");
+    // Start a Sentinel to learn a port, stop it, and give that port.
+    let sentinel = Sentinel::start(master.port());
+    let port = sentinel.port();
+    drop(sentinel);
+    let proxy = proxy(&[port], &[]);
+    let r = proxy.get("/k");
+    assert_eq!(r.status, 503, "{r:?}");
+    assert_eq!(r.json()["error"], "redis unavailable");
+    assert_eq!(proxy.get("/-/ready").status, 503);
+    let _sentinel = Sentinel::start_on(port, master.port());
+    poll_until("/k once a Sentinel is up", || {
+        (proxy.get("/k").status == 200).then_some(())
+    });
+}
+
+/// With tracking, a failover empties the cache (the new master tracks
+/// nothing for the proxy yet) and the invalidation connection follows the
+/// master: a write on the new master reaches the cache.
+#[test]
+fn failover_with_tracking_empties_the_cache_and_tracks_the_new_master() {
+    let mut master = Redis::start();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    master.set("k", "v1");
+    poll_until("the replica to sync", || {
+        matches!(replica.cmd(&[b"GET", b"k"]), redis::Value::BulkString(_)).then_some(())
+    });
+    let sentinel = Sentinel::start(master.port());
+    sentinel.wait_for_replica(&replica);
+    let proxy = proxy(
+        &[sentinel.port()],
+        &[
+            ("CACHE_INVALIDATION", "tracking"),
+            ("CACHE_TTL_MS", "600000"),
+        ],
+    );
+    poll_until("k to be cached", || {
+        let r = proxy.get("/k");
+        (r.status == 200 && r.x_cache() == Some("HIT")).then_some(())
+    });
+    master.stop();
+    poll_for(
+        Duration::from_secs(30),
+        "the replica's promotion",
+        &mut || is_master(replica.port()).then_some(()),
+    );
+    poll_until("k served again after the failover", || {
+        (proxy.get("/k").status == 200).then_some(())
+    });
+    assert!(metric(&proxy, "redis_proxy_cache_flushes_total") >= 1);
+    poll_until("k to be cached again", || {
+        let r = proxy.get("/k");
+        (r.status == 200 && r.x_cache() == Some("HIT")).then_some(())
+    });
+    replica.set("k", "v2");
+    poll_until("the write on the new master to reach the cache", || {
+        (proxy.get("/k").body == b"v2").then_some(())
+    });
+}
