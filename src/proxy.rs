@@ -31,10 +31,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendError, Redis, SetReply};
+use crate::backend::{Backend, BackendError, CommandTable, Pass, Protocol, Redis, SetReply};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
 use crate::coherence::{Coherence, Join, Lead};
 use crate::metrics::{Metrics, Snapshot};
+
+/// What a write changes, for the cache's sake.
+#[derive(Debug, Clone, Copy)]
+pub enum Written<'a> {
+    /// These keys (from the command's key specs).
+    Keys(&'a [&'a [u8]]),
+    /// Possibly every key (`FLUSHDB`, `FLUSHALL`, `SWAPDB`).
+    All,
+}
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +311,74 @@ impl<B: Redis + 'static> Proxy<B> {
             self.coherence.invalidate(key);
         }
         result
+    }
+
+    /// What Redis serves (flags, key specs, `COMMAND` rows), once learned.
+    pub fn commands(&self) -> Option<Arc<CommandTable>> {
+        self.backend.commands()
+    }
+
+    /// Relays a read-only command to Redis, uncached; answers Redis's reply
+    /// bytes as they came.
+    pub fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        self.metrics.passthrough.inc();
+        self.backend.pass(cmd, hint)
+    }
+
+    /// Relays a write, then drops what it wrote from the cache before the
+    /// reply goes back (through coherence, so a GET of those keys in flight
+    /// keeps nothing either), whatever Redis said: a timeout may still
+    /// have written.
+    pub fn write(
+        &self,
+        cmd: &Pass<'_>,
+        written: Written<'_>,
+        hint: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.metrics.passthrough.inc();
+        let result = self.backend.pass(cmd, hint);
+        self.forget(written);
+        result
+    }
+
+    /// Runs `count` packed commands as one `MULTI` ... `EXEC` block on one
+    /// connection (Redis runs it atomically) and answers EXEC's reply as
+    /// it came; what the commands write is dropped as for [`Proxy::write`].
+    pub fn transaction(
+        &self,
+        queued: &[u8],
+        count: usize,
+        route: Option<&[u8]>,
+        protocol: Protocol,
+        written: Written<'_>,
+        hint: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        let mut block = Vec::with_capacity(queued.len() + 32);
+        block.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+        block.extend_from_slice(queued);
+        block.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+        let cmd = Pass {
+            commands: &block,
+            replies: count + 2,
+            skip: count + 1,
+            route,
+            protocol,
+        };
+        self.metrics.passthrough.add(count as u64);
+        let result = self.backend.pass(&cmd, hint);
+        self.forget(written);
+        result
+    }
+
+    fn forget(&self, written: Written<'_>) {
+        match written {
+            Written::Keys(keys) => {
+                for key in keys {
+                    self.coherence.invalidate(key);
+                }
+            }
+            Written::All => self.coherence.invalidate_all(),
+        }
     }
 
     /// True when Redis answers PING within the timeout (`/-/ready`).

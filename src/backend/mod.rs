@@ -17,6 +17,7 @@
 //!   a Sentinel-found master or a cluster's masters by slot add a variant,
 //!   not a change to callers, who always name a key (or a slot).
 
+pub mod commands;
 pub(crate) mod connect;
 mod node;
 mod topology;
@@ -31,6 +32,8 @@ use redis::Value;
 use crate::coherence::Freshness;
 use crate::config::RedisTarget;
 
+pub use commands::CommandTable;
+use commands::Learner;
 pub use topology::Topology;
 
 /// Why a Redis request failed, classified by cause.
@@ -86,6 +89,49 @@ pub enum SetReply {
     Old(Vec<u8>),
 }
 
+/// The RESP version a reply is wanted in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+impl Protocol {
+    /// 0 for RESP2, 1 for RESP3 (for tables kept in both).
+    pub fn index(self) -> usize {
+        match self {
+            Protocol::Resp2 => 0,
+            Protocol::Resp3 => 1,
+        }
+    }
+
+    /// The version number (`HELLO`'s `proto`).
+    pub fn number(self) -> i64 {
+        match self {
+            Protocol::Resp2 => 2,
+            Protocol::Resp3 => 3,
+        }
+    }
+}
+
+/// Commands relayed to Redis as they are: their replies come back as the
+/// bytes Redis sent, never decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass<'a> {
+    /// The commands, packed (RESP multibulk), written as one block.
+    pub commands: &'a [u8],
+    /// How many replies they produce.
+    pub replies: usize,
+    /// How many of the first replies to read and drop (MULTI's `+OK` and
+    /// the `+QUEUED`s before EXEC's reply).
+    pub skip: usize,
+    /// The key that picks the node (the first key), `None` for keyless commands.
+    pub route: Option<&'a [u8]>,
+    /// The replies' protocol: RESP3 goes on a node's RESP3 connections.
+    pub protocol: Protocol,
+}
+
 /// What the read-through core needs from Redis. The real [`Backend`]
 /// implements it; unit tests of the core drive a fake through the races the
 /// core must survive. Callers name keys, never connections: `hint` (the
@@ -111,6 +157,18 @@ pub trait Redis: Send + Sync {
     fn ping(&self, hint: usize) -> bool;
     /// Counters for metrics.
     fn stats(&self) -> &BackendStats;
+    /// Relays `cmd` and answers the reply bytes after its first `skip`
+    /// replies, as Redis sent them (an error reply is an answer, not an `Err`).
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        let _ = (cmd, hint);
+        Err(BackendError::Unavailable(
+            "pass-through not supported".into(),
+        ))
+    }
+    /// What Redis serves, once learned from its `COMMAND` replies.
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        None
+    }
 }
 
 impl<T: Redis + ?Sized> Redis for Arc<T> {
@@ -138,6 +196,12 @@ impl<T: Redis + ?Sized> Redis for Arc<T> {
     fn stats(&self) -> &BackendStats {
         (**self).stats()
     }
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        (**self).pass(cmd, hint)
+    }
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        (**self).commands()
+    }
 }
 
 /// Settings of the backend.
@@ -156,6 +220,7 @@ pub struct BackendOptions {
 pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
+    commands: Arc<Learner>,
 }
 
 impl Backend {
@@ -166,6 +231,7 @@ impl Backend {
         Backend {
             topology: Topology::single(&options, stats.clone()),
             stats,
+            commands: Learner::start(options.target.clone(), options.timeout),
         }
     }
 
@@ -245,6 +311,20 @@ impl Redis for Backend {
 
     fn stats(&self) -> &BackendStats {
         &self.stats
+    }
+
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        // The one place a pass-through is routed: by its first key.
+        let node = self.topology.node_for(cmd.route.unwrap_or_default());
+        let reply = node.relay(hint, cmd)?;
+        if reply.first() == Some(&b'-') {
+            self.stats.errors_reply.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(reply)
+    }
+
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        self.commands.table(&self.stats)
     }
 }
 

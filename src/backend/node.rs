@@ -17,16 +17,17 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use may::net::TcpStream;
 use may::sync::{mpsc, Blocker};
 use redis::Value;
 
-use super::connect::{connect, ConnectError, Socket};
+use super::connect::{connect_speaking, ConnectError, Socket};
 use super::{
-    bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult,
+    bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult, Pass,
+    Protocol,
 };
 use crate::coherence::Freshness;
 
@@ -51,6 +52,14 @@ enum Cmd {
     Get(*const u8, usize),
     GetMany(*const &'static [u8], usize),
     Packed(Vec<u8>, usize),
+    /// A pass-through: the caller's packed commands (borrowed as keys
+    /// are), how many replies they produce, how many of those to drop.
+    Raw {
+        ptr: *const u8,
+        len: usize,
+        replies: usize,
+        skip: usize,
+    },
 }
 
 impl Cmd {
@@ -59,6 +68,7 @@ impl Cmd {
         match self {
             Cmd::Get(..) => 1,
             Cmd::GetMany(_, n) | Cmd::Packed(_, n) => *n,
+            Cmd::Raw { replies, .. } => *replies,
         }
     }
 
@@ -77,6 +87,11 @@ impl Cmd {
                 }
             }
             Cmd::Packed(cmds, _) => buf.extend_from_slice(cmds),
+            Cmd::Raw { ptr, len, .. } => {
+                // SAFETY: the caller's commands, alive while it is parked.
+                let cmds = unsafe { std::slice::from_raw_parts(*ptr, *len) };
+                buf.extend_from_slice(cmds)
+            }
         }
     }
 }
@@ -86,6 +101,8 @@ pub(crate) enum Answer {
     One(GetResult),
     Many(Vec<GetResult>),
     Values(Vec<Value>),
+    /// Reply frames as Redis sent them.
+    Raw(Vec<u8>),
 }
 
 type Reply = Result<Answer, BackendError>;
@@ -137,28 +154,48 @@ fn stopped() -> BackendError {
 /// One node's per-worker connections.
 pub struct Node {
     queues: Vec<mpsc::Sender<Job>>,
+    /// A second set speaking RESP3 (`HELLO 3`), started on first use, that
+    /// serves RESP3 clients' pass-through so replies need no conversion.
+    resp3: OnceLock<Vec<mpsc::Sender<Job>>>,
+    /// What the RESP3 set is started with (no tracking: it fills no cache).
+    options: BackendOptions,
+    stats: Arc<BackendStats>,
     timeout: Duration,
 }
 
 impl Node {
     /// Starts one I/O coroutine per connection; each connects on its first job.
     pub(crate) fn start(options: &BackendOptions, stats: Arc<BackendStats>) -> Node {
-        let up = Arc::new(AtomicBool::new(false));
-        let queues = (0..options.connections.max(1))
-            .map(|index| {
-                let (tx, rx) = mpsc::channel();
-                let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
-                let builder = may::coroutine::Builder::new()
-                    .name(format!("redis-io-{index}"))
-                    .stack_size(IO_STACK_BYTES)
-                    .id(index);
-                may::go!(builder, move || io.run(rx)).expect("spawn redis I/O coroutine");
-                tx
-            })
-            .collect();
         Node {
-            queues,
+            queues: start_set(options, &stats, 2),
+            resp3: OnceLock::new(),
+            options: BackendOptions {
+                freshness: None,
+                ..options.clone()
+            },
+            stats,
             timeout: options.timeout,
+        }
+    }
+
+    /// Relays `cmd` on connection `hint % connections` of the set for its
+    /// protocol; answers the reply frames after the first `skip`, as sent.
+    pub(crate) fn relay(&self, hint: usize, cmd: &Pass<'_>) -> Result<Vec<u8>, BackendError> {
+        let queues = match cmd.protocol {
+            Protocol::Resp2 => &self.queues,
+            Protocol::Resp3 => self
+                .resp3
+                .get_or_init(|| start_set(&self.options, &self.stats, 3)),
+        };
+        let raw = Cmd::Raw {
+            ptr: cmd.commands.as_ptr(),
+            len: cmd.commands.len(),
+            replies: cmd.replies,
+            skip: cmd.skip,
+        };
+        match self.submit_on(queues, hint, raw)? {
+            Answer::Raw(bytes) => Ok(bytes),
+            _ => Err(stopped()),
         }
     }
 
@@ -203,6 +240,10 @@ impl Node {
     /// ignores cancellation: returning early would free keys the job still
     /// points at.
     fn submit(&self, hint: usize, cmd: Cmd) -> Reply {
+        self.submit_on(&self.queues, hint, cmd)
+    }
+
+    fn submit_on(&self, queues: &[mpsc::Sender<Job>], hint: usize, cmd: Cmd) -> Reply {
         let slot = Arc::new(Slot {
             reply: Mutex::new(None),
             done: AtomicBool::new(false),
@@ -213,7 +254,7 @@ impl Node {
             deadline: Instant::now() + self.timeout,
             slot: slot.clone(),
         };
-        let queue = &self.queues[hint % self.queues.len()];
+        let queue = &queues[hint % queues.len()];
         // A refused job is dropped with the error, which answers it.
         let _ = queue.send(job);
         while !slot.done.load(Ordering::Acquire) {
@@ -222,6 +263,29 @@ impl Node {
         let reply = slot.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
         reply.unwrap_or_else(|| Err(stopped()))
     }
+}
+
+/// Starts one I/O coroutine per connection, speaking RESP `protocol`;
+/// each connects on its first job.
+fn start_set(
+    options: &BackendOptions,
+    stats: &Arc<BackendStats>,
+    protocol: u8,
+) -> Vec<mpsc::Sender<Job>> {
+    let up = Arc::new(AtomicBool::new(false));
+    (0..options.connections.max(1))
+        .map(|index| {
+            let (tx, rx) = mpsc::channel();
+            let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
+            io.protocol = protocol;
+            let builder = may::coroutine::Builder::new()
+                .name(format!("redis-io-{index}"))
+                .stack_size(IO_STACK_BYTES)
+                .id(index);
+            may::go!(builder, move || io.run(rx)).expect("spawn redis I/O coroutine");
+            tx
+        })
+        .collect()
 }
 
 /// Packs `GET key` into `buf`, as the redis crate would.
@@ -497,6 +561,8 @@ struct IoLoop {
     retry_error: BackendError,
     rng: u64,
     write_buf: Vec<u8>,
+    /// The RESP version the link speaks (2, or 3 after `HELLO 3`).
+    protocol: u8,
 }
 
 impl IoLoop {
@@ -522,6 +588,7 @@ impl IoLoop {
             retry_error: BackendError::Unavailable("reconnecting".into()),
             rng: seed | 1,
             write_buf: Vec::with_capacity(16 * 1024),
+            protocol: 2,
         }
     }
 
@@ -645,6 +712,26 @@ impl IoLoop {
                     }
                     read = values.len();
                     outcome.map(|()| Answer::Values(values))
+                }
+                Cmd::Raw { replies, skip, .. } => {
+                    // Frames are copied straight out of the read buffer.
+                    let mut out = Vec::new();
+                    let mut outcome = Ok(());
+                    while read < *replies {
+                        match reader.frame(stream, job.deadline) {
+                            Ok((at, len)) => {
+                                if read >= *skip {
+                                    out.extend_from_slice(&reader.buf[at..at + len]);
+                                }
+                                read += 1;
+                            }
+                            Err(e) => {
+                                outcome = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    outcome.map(|()| Answer::Raw(out))
                 }
             };
             match answer {
@@ -772,7 +859,8 @@ impl IoLoop {
 
     fn connect(&self) -> Result<Link, ConnectError> {
         let timeout = self.options.timeout;
-        let (conn, _) = connect::<TcpStream>(&self.options.target, timeout, &[], 0)?;
+        let (conn, _) =
+            connect_speaking::<TcpStream>(&self.options.target, timeout, self.protocol, &[], 0)?;
         // Set once per connection; `Reader` lowers the read timeout only
         // when a deadline needs it.
         conn.stream
