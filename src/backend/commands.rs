@@ -130,6 +130,10 @@ impl Spec {
     /// first/last/step when Redis gives none. A key named by two specs (as
     /// `not_key` arguments are skipped) appears once per spec.
     pub fn keys<'a>(&self, argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
+        if self.name == "sort" {
+            // Its STORE key spec is `incomplete`; Redis finds it by hand.
+            return sort_keys(argv);
+        }
         let argc = argv.len() as i64;
         let mut keys = Vec::new();
         if self.key_specs.is_empty() {
@@ -190,6 +194,28 @@ impl Spec {
         }
         keys
     }
+}
+
+/// SORT's keys as Redis's `sortGetKeys` finds them: the sorted key, and the
+/// last `STORE` destination (LIMIT's two and GET's and BY's one argument
+/// are skipped, so a pattern called "store" is not taken for the option).
+fn sort_keys<'a>(argv: &[&'a [u8]]) -> Vec<&'a [u8]> {
+    let mut keys: Vec<&[u8]> = argv.get(1).copied().into_iter().collect();
+    let mut store = None;
+    let mut i = 2;
+    while i < argv.len() {
+        let arg = argv[i];
+        if arg.eq_ignore_ascii_case(b"limit") {
+            i += 2;
+        } else if arg.eq_ignore_ascii_case(b"get") || arg.eq_ignore_ascii_case(b"by") {
+            i += 1;
+        } else if arg.eq_ignore_ascii_case(b"store") && i + 1 < argv.len() {
+            store = Some(argv[i + 1]);
+        }
+        i += 1;
+    }
+    keys.extend(store);
+    keys
 }
 
 /// Redis's `begin_search` of a key spec: where its keys start, if anywhere.
@@ -499,6 +525,9 @@ fn encode_into(out: &mut Vec<u8>, value: &Value, resp3: bool) {
     }
 }
 
+/// Longest a command waits for the first round of learning.
+const FIRST_ROUND_WAIT: Duration = Duration::from_secs(5);
+
 /// Longest pause between attempts to learn the table while Redis is down.
 const MAX_RETRY: Duration = Duration::from_secs(1);
 
@@ -516,6 +545,7 @@ pub(crate) struct Learner {
     /// waits for it rather than calling Redis unavailable.
     tried: AtomicBool,
     thread: OnceLock<Thread>,
+    /// Bound on each step of a round.
     timeout: Duration,
 }
 
@@ -545,13 +575,16 @@ impl Learner {
 
     /// The table, if learned; asks for a new one when a data connection
     /// was reopened since the last call. Right after start it waits
-    /// (coroutine-aware, at most the timeout) for the first round.
+    /// (coroutine-aware) for the first round to end, learned or failed: a
+    /// round is bounded by the timeout on each of its steps, so only a
+    /// client arriving in the first moments waits, and never past
+    /// [`FIRST_ROUND_WAIT`].
     pub(crate) fn table(&self, stats: &BackendStats) -> Option<Arc<CommandTable>> {
         let table = self.current(stats);
         if table.is_some() || self.tried.load(Ordering::SeqCst) {
             return table;
         }
-        let deadline = std::time::Instant::now() + self.timeout;
+        let deadline = std::time::Instant::now() + FIRST_ROUND_WAIT.max(self.timeout);
         while !self.tried.load(Ordering::SeqCst) && std::time::Instant::now() < deadline {
             may::coroutine::sleep(Duration::from_millis(2));
         }
@@ -571,21 +604,31 @@ impl Learner {
 
     fn run(&self, target: &RedisTarget, timeout: Duration) {
         let mut retry = Duration::from_millis(50);
+        let mut failing = false;
         loop {
             if !self.wanted.swap(false, Ordering::SeqCst) {
                 thread::park();
                 continue;
             }
+            let started = std::time::Instant::now();
             match learn(target, timeout) {
                 Ok(table) => {
-                    log::debug!("learned {} redis commands", table.commands.len());
+                    log::debug!(
+                        "learned {} redis commands in {:?}",
+                        table.commands.len(),
+                        started.elapsed()
+                    );
                     *self.table.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::new(table));
                     self.tried.store(true, Ordering::SeqCst);
                     retry = Duration::from_millis(50);
+                    failing = false;
                 }
                 Err(why) => {
                     self.tried.store(true, Ordering::SeqCst);
-                    log::debug!("cannot learn redis commands yet: {why}");
+                    if !failing {
+                        log::warn!("cannot learn redis's commands yet (retrying): {why}");
+                    }
+                    failing = true;
                     self.wanted.store(true, Ordering::SeqCst);
                     thread::sleep(retry);
                     retry = (retry * 2).min(MAX_RETRY);
@@ -711,5 +754,13 @@ mod tests {
         };
         let argv: [&[u8]; 5] = [b"MSET", b"a", b"1", b"b", b"2"];
         assert_eq!(legacy.keys(&argv), [&b"a"[..], b"b"]);
+    }
+
+    /// SORT's STORE destination is a key (it is written), its BY pattern not.
+    #[test]
+    fn sort_store_is_a_key() {
+        let argv: [&[u8]; 7] = [b"SORT", b"l", b"BY", b"store", b"STORE", b"dst", b"ALPHA"];
+        assert_eq!(sort_keys(&argv), [&b"l"[..], b"dst"]);
+        assert_eq!(sort_keys(&[b"SORT", b"l"]), [b"l"]);
     }
 }

@@ -128,6 +128,11 @@ const REFUSED: &[&str] = &[
     "sunsubscribe",
 ];
 
+/// Writes Redis does not flag `write` (Redis 7.0 does not show its
+/// `may_replicate` flag): PUBLISH counts as a write (DESIGN.md), and a
+/// script may write anything.
+const WRITE_LIKE: &[&str] = &["publish", "spublish", "eval", "evalsha", "fcall"];
+
 /// The written answer when writes are off.
 const WRITES_OFF: &str = "ERR write commands are disabled on this proxy (set PROXY_ALLOW_WRITES)";
 
@@ -187,16 +192,15 @@ fn policy(spec: &Spec, allow_writes: bool) -> Policy {
     let f = spec.flags;
     // XREAD and XREADGROUP block only with BLOCK (checked per call).
     let stream_read = matches!(spec.name.as_str(), "xread" | "xreadgroup");
+    let write_like = WRITE_LIKE.contains(&spec.name.as_str());
     if REFUSED.contains(&spec.name.as_str())
         || f.has(Flags::ADMIN)
         || (f.has(Flags::BLOCKING) && !stream_read)
-        || (f.has(Flags::PUBSUB) && !f.has(Flags::MAY_REPLICATE))
+        || (f.has(Flags::PUBSUB) && !write_like)
     {
         return Policy::Refused;
     }
-    // PUBLISH, EVAL, SCRIPT LOAD: not flagged `write`, but they may change
-    // data (PFCOUNT, also `may_replicate`, is read-only).
-    if f.has(Flags::WRITE) || (f.has(Flags::MAY_REPLICATE) && !f.has(Flags::READONLY)) {
+    if f.has(Flags::WRITE) || write_like {
         return if allow_writes {
             Policy::Write
         } else {
