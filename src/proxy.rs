@@ -700,6 +700,50 @@ mod tests {
         assert_eq!(read(&proxy, b"k"), (None, Source::Miss));
     }
 
+    /// A write through the proxy while a GET of its key is in flight: the
+    /// GET's value (read before the write) answers it but is not kept, and
+    /// the next GET reads the new value (guard: `write` invalidates through
+    /// coherence, which marks the flight stale).
+    #[test]
+    fn write_during_a_fetch_is_not_cached() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"k", b"old");
+        let writer = proxy.clone();
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"new".to_vec());
+            let cmd = Pass {
+                commands: b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nnew\r\n",
+                replies: 1,
+                skip: 0,
+                route: Some(b"k"),
+                protocol: Protocol::Resp2,
+            };
+            // The fake relays nothing; the drop happens all the same.
+            let _ = writer.write(&cmd, Written::Keys(&[b"k"]), 0);
+        });
+        assert_eq!(read(&proxy, b"k"), (Some(b"old".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Miss));
+        assert_eq!(proxy.metrics.passthrough.get(), 1);
+    }
+
+    /// A flushing write (FLUSHDB) empties the cache.
+    #[test]
+    fn flushing_write_empties_the_cache() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"a", b"1");
+        read(&proxy, b"a");
+        assert_eq!(read(&proxy, b"a").1, Source::Hit);
+        let cmd = Pass {
+            commands: b"*1\r\n$7\r\nFLUSHDB\r\n",
+            replies: 1,
+            skip: 0,
+            route: None,
+            protocol: Protocol::Resp2,
+        };
+        let _ = proxy.write(&cmd, Written::All, 0);
+        assert_eq!(read(&proxy, b"a").1, Source::Miss);
+    }
+
     /// With the listener down nothing is served from or kept in the cache.
     #[test]
     fn listener_down_bypasses_the_cache() {

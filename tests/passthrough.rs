@@ -448,23 +448,44 @@ fn command_answers_what_is_served() {
     );
 }
 
-/// INFO shows passthrough_commands_total, and it counts relayed commands.
+/// INFO shows passthrough_commands_total, and it counts relayed commands;
+/// their answers count in requests_total by kind (ok, nil, error).
 #[test]
 fn passthrough_counter_moves() {
     let redis = Redis::start();
+    redis.set("s", "v");
     let proxy = Proxy::builder().redis(&redis).resp().start();
     let mut wire = Wire::connect(proxy.resp_port().unwrap());
     let before = metric(&proxy, "redis_proxy_passthrough_commands_total");
+    let series = |status: &str| {
+        format!("redis_proxy_requests_total{{frontend=\"resp\",status=\"{status}\"}}")
+    };
+    let counts = || -> Vec<u64> {
+        ["ok", "nil", "error"]
+            .iter()
+            .map(|s| metric(&proxy, &series(s)))
+            .collect()
+    };
+    let start = counts();
     wire.call(&["EXISTS", "a"]);
+    wire.call(&["HGET", "absent", "f"]);
+    wire.call(&["HGET", "s", "f"]);
+    // Counted once the batch's reply is written: poll.
+    poll_until("ok, nil and error counted", || {
+        let end = counts();
+        (end[0] - start[0], end[1] - start[1], end[2] - start[2])
+            .eq(&(1, 1, 1))
+            .then_some(())
+    });
     wire.call(&["TTL", "a"]);
     wire.call(&["GET", "a"]);
     assert_eq!(
         metric(&proxy, "redis_proxy_passthrough_commands_total") - before,
-        2
+        4
     );
     let info = wire.call(&["INFO"]);
     assert!(
-        String::from_utf8_lossy(&info).contains("passthrough_commands_total:2"),
+        String::from_utf8_lossy(&info).contains("passthrough_commands_total:4"),
         "{}",
         show(&info)
     );

@@ -441,8 +441,15 @@ fn in_transaction(cx: &mut Call<'_>, name: &str, argv: &[&[u8]]) -> Outcome {
         }
         "watch" => Err("ERR WATCH inside MULTI is not allowed".into()),
         _ => {
-            let queued = queueable(cx.shared, name, argv);
+            let max = cx.shared.max_request;
             let multi = cx.session.multi.as_mut().expect("in MULTI");
+            let size: usize = argv.iter().map(|a| a.len() + 16).sum();
+            let queued = if multi.queued.len() + size > max {
+                // The block goes to Redis as one request: bounded like one.
+                Err(format!("ERR transaction over {max} bytes (RESP_MAX_REQUEST_BYTES)").into())
+            } else {
+                queueable(cx.shared, name, argv)
+            };
             match queued {
                 Ok(relay) => {
                     append_packed(&mut multi.queued, argv);
