@@ -4,8 +4,10 @@
 //! inserting what Redis returned, writes (which drop the written keys), the
 //! hit/miss counters, and the answers to "ready?" and "what are the
 //! figures?". Front ends speak to it in its own terms ([`Proxy::get`],
-//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::ready`],
-//! [`Proxy::snapshot`]) and never see Redis commands or replies. Whether a
+//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::pass`],
+//! [`Proxy::write`], [`Proxy::transaction`], [`Proxy::ready`],
+//! [`Proxy::snapshot`]) and never see `redis::Value`s: a pass-through's
+//! reply is the bytes Redis sent, relayed as they are. Whether a
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.

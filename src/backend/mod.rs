@@ -12,7 +12,10 @@
 //! # Parts
 //! - `connect`: resolve, TCP connect, AUTH, SELECT, for data links (may
 //!   sockets) and the invalidation listener (a std socket) alike.
-//! - `node`: one node's per-worker pipelined connections (I/O coroutines).
+//! - `node`: one node's per-worker pipelined connections (I/O coroutines);
+//!   a second, RESP3 set opened on first use; raw relay jobs ([`Pass`]).
+//! - `commands`: what Redis serves ([`CommandTable`]), learned from its own
+//!   `COMMAND` and `COMMAND DOCS` on a thread of its own.
 //! - `topology`: which node serves a key. Today only [`Topology::Single`];
 //!   a Sentinel-found master or a cluster's masters by slot add a variant,
 //!   not a change to callers, who always name a key (or a slot).

@@ -10,6 +10,13 @@
 //! [`BackendError::Timeout`], and the connection is dropped: a late reply on
 //! it would otherwise answer the wrong caller.
 //!
+//! A pass-through job (`Cmd::Raw`) writes the client's packed commands and
+//! answers the reply frames' bytes, cut out of the read buffer by
+//! `frame_len` and copied, never parsed into a `Value`. RESP3 clients' jobs
+//! go to a second set of I/O coroutines whose connections open with
+//! `HELLO 3`, started on the first such job; same batching, deadlines and
+//! drop-after-timeout, no tracking (they fill no cache).
+//!
 //! With tracking, each connection keeps `CLIENT TRACKING ON REDIRECT <id>`
 //! on (sent ahead of the next batch whenever the listener's id changed) and
 //! reports a reopened link and a failed `CLIENT TRACKING` into the
