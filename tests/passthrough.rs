@@ -490,3 +490,46 @@ fn passthrough_counter_moves() {
         show(&info)
     );
 }
+
+/// A redis-server this test runs itself (the harness's keeps its
+/// arguments across restarts); killed on drop.
+struct OwnRedis(std::process::Child);
+
+impl Drop for OwnRedis {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// After a data reconnect the proxy learns Redis's command table again:
+/// Redis restarted without DBSIZE (renamed away) is no longer listed.
+#[test]
+fn command_table_is_learned_again_after_a_reconnect() {
+    let mut redis = Redis::start();
+    let proxy = Proxy::builder().redis(&redis).resp().start();
+    let mut wire = Wire::connect(proxy.resp_port().unwrap());
+    assert!(wire
+        .call(&["COMMAND", "INFO", "dbsize"])
+        .starts_with(b"*1\r\n*"));
+    // Opens the data connection the restart will break.
+    assert_eq!(wire.call(&["DBSIZE"]), b":0\r\n");
+    let port = redis.port().to_string();
+    redis.stop();
+    let dir = std::env::temp_dir().to_string_lossy().into_owned();
+    let dbfilename = format!("redis-proxy-test-{port}-renamed.rdb");
+    let _renamed = OwnRedis(
+        std::process::Command::new("redis-server")
+            .args(["--port", &port, "--bind", "127.0.0.1", "--dir", &dir])
+            .args(["--dbfilename", &dbfilename, "--appendonly", "no"])
+            .args(["--rename-command", "DBSIZE", "", "--save", ""])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn redis-server"),
+    );
+    poll_until("DBSIZE gone from COMMAND INFO", || {
+        // A pass-through notices the lost link and reconnects.
+        wire.call(&["EXISTS", "k"]);
+        (wire.call(&["COMMAND", "INFO", "dbsize"]) == b"*1\r\n$-1\r\n").then_some(())
+    });
+}
