@@ -36,6 +36,8 @@ class RedisPy(unittest.TestCase):
         self.assertEqual(r.hgetall("h"), {"a": "1", "b": "2"})
         self.assertEqual(r.hgetall("absent"), {})
         self.assertEqual(r.mget("k", "absent"), ["w", None])
+        self.assertIn("cache_hits_total", r.info())
+        self.assertEqual(r.dbsize(), 2)
 
     def test_defaults_speak_resp3(self):
         r = redis.Redis(port=RESP_PORT, decode_responses=True)
