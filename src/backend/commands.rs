@@ -534,13 +534,14 @@ const MAX_RETRY: Duration = Duration::from_secs(1);
 /// Learns the table on a thread of its own (blocking sockets are fine
 /// there): at start, until it succeeds, and again whenever a data
 /// connection was reopened since the last time (seen through the
-/// backend's `reconnects` counter when the table is asked for).
+/// backend's `links_opened` counter when the table is asked for: a link
+/// may reach another Redis than the one the table came from).
 pub(crate) struct Learner {
     table: RwLock<Option<Arc<CommandTable>>>,
     /// Set to ask the thread for another round.
     wanted: AtomicBool,
-    /// The reconnect count the table was asked for at last.
-    seen_reconnects: AtomicU64,
+    /// The `links_opened` count when the table was asked for last.
+    seen_links: AtomicU64,
     /// Set once the first round ended, learned or not: until then a caller
     /// waits for it rather than calling Redis unavailable.
     tried: AtomicBool,
@@ -555,7 +556,7 @@ impl Learner {
         let learner = Arc::new(Learner {
             table: RwLock::new(None),
             wanted: AtomicBool::new(true),
-            seen_reconnects: AtomicU64::new(0),
+            seen_links: AtomicU64::new(0),
             tried: AtomicBool::new(false),
             thread: OnceLock::new(),
             timeout,
@@ -574,7 +575,7 @@ impl Learner {
     }
 
     /// The table, if learned; asks for a new one when a data connection
-    /// was reopened since the last call. Right after start it waits
+    /// was opened since the last call. Right after start it waits
     /// (coroutine-aware) for the first round to end, learned or failed: a
     /// round is bounded by the timeout on each of its steps, so only a
     /// client arriving in the first moments waits, and never past
@@ -592,8 +593,8 @@ impl Learner {
     }
 
     fn current(&self, stats: &BackendStats) -> Option<Arc<CommandTable>> {
-        let reconnects = stats.reconnects.load(Ordering::Relaxed);
-        if self.seen_reconnects.swap(reconnects, Ordering::Relaxed) != reconnects {
+        let opened = stats.links_opened.load(Ordering::Relaxed);
+        if self.seen_links.swap(opened, Ordering::Relaxed) != opened {
             self.wanted.store(true, Ordering::SeqCst);
             if let Some(thread) = self.thread.get() {
                 thread.unpark();

@@ -76,6 +76,9 @@ pub struct BackendStats {
     pub errors_reply: AtomicU64,
     /// Connections established after the first one of each I/O coroutine.
     pub reconnects: AtomicU64,
+    /// Connections opened, first ones included (the command table is
+    /// learned again after each: it may be another Redis than before).
+    pub links_opened: AtomicU64,
 }
 
 /// One key's outcome inside a multi-key read.

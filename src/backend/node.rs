@@ -823,6 +823,7 @@ impl IoLoop {
                 if self.connected_before {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
+                self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) || self.retry_at.is_some() {
                     log::info!(
                         "redis connection {} up ({})",

@@ -896,3 +896,87 @@ fn getkeys(
     }
     Ok(Done::Ok)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A table of one-line rows: (name, arity, flags), no keys.
+    fn table(rows: &[(&str, i64, &[&str])]) -> CommandTable {
+        let mut text = format!("*{}\r\n", rows.len());
+        for (name, arity, flags) in rows {
+            text.push_str(&format!(
+                "*6\r\n${}\r\n{name}\r\n:{arity}\r\n~{}\r\n",
+                name.len(),
+                flags.len()
+            ));
+            for f in *flags {
+                text.push_str(&format!("+{f}\r\n"));
+            }
+            text.push_str(":0\r\n:0\r\n:0\r\n");
+        }
+        let info = redis::parse_redis_value(text.as_bytes()).expect("valid rows");
+        CommandTable::decode(&info, &redis::Value::Nil).expect("decodes")
+    }
+
+    /// Each flag combination Redis 7.0 uses lands in its class; writes
+    /// only pass with PROXY_ALLOW_WRITES.
+    #[test]
+    fn policy_follows_the_flags() {
+        let t = table(&[
+            ("hgetall", 2, &["readonly"]),
+            ("set", -3, &["write", "denyoom"]),
+            ("blpop", -3, &["write", "blocking"]),
+            ("xread", -4, &["readonly", "blocking", "movablekeys"]),
+            ("config", -2, &["admin", "noscript"]),
+            ("subscribe", -2, &["pubsub", "noscript"]),
+            ("publish", 3, &["pubsub", "loading", "stale", "fast"]),
+            ("eval", -3, &["noscript", "stale", "movablekeys"]),
+            ("time", 1, &["loading", "stale", "fast"]),
+            ("watch", -2, &["noscript", "loading", "stale", "fast"]),
+        ]);
+        let p = |name: &str, writes: bool| policy(t.get(name).unwrap(), writes);
+        assert_eq!(p("hgetall", false), Policy::Read);
+        assert_eq!(p("set", false), Policy::WritesOff);
+        assert_eq!(p("set", true), Policy::Write);
+        assert_eq!(p("blpop", true), Policy::Refused);
+        assert_eq!(
+            p("xread", false),
+            Policy::Read,
+            "refused per call with BLOCK"
+        );
+        assert_eq!(p("config", true), Policy::Refused);
+        assert_eq!(p("subscribe", true), Policy::Refused);
+        assert_eq!(p("publish", false), Policy::WritesOff);
+        assert_eq!(p("publish", true), Policy::Write);
+        assert_eq!(p("eval", true), Policy::Write);
+        assert_eq!(p("time", true), Policy::Refused);
+        assert_eq!(p("watch", true), Policy::Refused);
+    }
+
+    /// Redis 7's unknown-command line quotes the arguments up to 128 bytes.
+    #[test]
+    fn unknown_command_quotes_its_arguments() {
+        let Refused(line) = unknown_command(&[b"nosuch", b"a", b"b"]);
+        assert_eq!(
+            line,
+            "ERR unknown command 'nosuch', with args beginning with: 'a' 'b' "
+        );
+        let Refused(line) = unknown_command(&[b"x"]);
+        assert_eq!(line, "ERR unknown command 'x', with args beginning with: ");
+        let long = [b'y'; 300];
+        let Refused(line) = unknown_command(&[b"x", &long, b"z"]);
+        assert!(line.ends_with(&format!("'{}' ", "y".repeat(128))), "{line}");
+    }
+
+    /// Relayed replies count as ok, nil or error by their first bytes.
+    #[test]
+    fn relayed_replies_are_classified() {
+        assert!(matches!(relayed(b"-WRONGTYPE x\r\n"), Done::Error));
+        assert!(matches!(relayed(b"$-1\r\n"), Done::Nil));
+        assert!(matches!(relayed(b"_\r\n"), Done::Nil));
+        assert!(matches!(relayed(b"*-1\r\n"), Done::Nil));
+        assert!(matches!(relayed(b":1\r\n"), Done::Ok));
+        assert!(matches!(relayed(b"%0\r\n"), Done::Ok));
+    }
+}
