@@ -158,23 +158,18 @@ fn redis_cli_in_both_protocols() {
 #[test]
 fn redis_benchmark_get_and_set() {
     let redis = Redis::start();
-    let (_proxy, port) = start(&redis);
+    let (proxy, port) = start(&redis);
     let port = port.to_string();
-    let (ok, out) = run(
-        "redis-benchmark",
-        &[
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port,
-            "-t",
-            "get,set",
-            "-n",
-            "1000",
-            "-q",
-        ],
+    let args = "-h 127.0.0.1 -t get,set -n 1000 -c 10 -q";
+    let mut args: Vec<&str> = args.split(' ').collect();
+    args.extend(["-p", &port]);
+    let (ok, out) = run("redis-benchmark", &args);
+    assert!(
+        ok,
+        "{out}\nreaped: {}\nproxy log:\n{}",
+        metric(&proxy, "redis_proxy_clients_reaped_total"),
+        proxy.logs()
     );
-    assert!(ok, "{out}");
     assert!(
         out.contains("SET:") && out.contains("GET:"),
         "both tests ran: {out}"
