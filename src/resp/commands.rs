@@ -129,9 +129,17 @@ const REFUSED: &[&str] = &[
 ];
 
 /// Writes Redis does not flag `write` (Redis 7.0 does not show its
-/// `may_replicate` flag): PUBLISH counts as a write (DESIGN.md), and a
-/// script may write anything.
-const WRITE_LIKE: &[&str] = &["publish", "spublish", "eval", "evalsha", "fcall"];
+/// `may_replicate` flag): PUBLISH counts as a write (DESIGN.md), a script
+/// may write anything, and SCRIPT LOAD is what EVALSHA users (redis-py's
+/// `register_script`) send first.
+const WRITE_LIKE: &[&str] = &[
+    "publish",
+    "spublish",
+    "eval",
+    "evalsha",
+    "fcall",
+    "script|load",
+];
 
 /// The written answer when writes are off.
 const WRITES_OFF: &str = "ERR write commands are disabled on this proxy (set PROXY_ALLOW_WRITES)";
@@ -934,6 +942,7 @@ mod tests {
             ("eval", -3, &["noscript", "stale", "movablekeys"]),
             ("time", 1, &["loading", "stale", "fast"]),
             ("watch", -2, &["noscript", "loading", "stale", "fast"]),
+            ("script|load", 3, &["noscript", "stale"]),
         ]);
         let p = |name: &str, writes: bool| policy(t.get(name).unwrap(), writes);
         assert_eq!(p("hgetall", false), Policy::Read);
@@ -952,6 +961,7 @@ mod tests {
         assert_eq!(p("eval", true), Policy::Write);
         assert_eq!(p("time", true), Policy::Refused);
         assert_eq!(p("watch", true), Policy::Refused);
+        assert_eq!(p("script|load", true), Policy::Write);
     }
 
     /// Redis 7's unknown-command line quotes the arguments up to 128 bytes.

@@ -71,6 +71,13 @@ class RedisPy(unittest.TestCase):
         pipe.get("a").get("a").exists("a").set("b", "2").get("b").strlen("a")
         self.assertEqual(pipe.execute(), ["1", "1", 1, True, "2", 1])
 
+    def test_registered_script(self):
+        r = redis.Redis(port=RESP_PORT, decode_responses=True)
+        incr_by = r.register_script("return redis.call('INCRBY', KEYS[1], ARGV[1])")
+        self.assertEqual(incr_by(keys=["sc"], args=[5]), 5)
+        self.assertEqual(incr_by(keys=["sc"], args=[2]), 7)
+        self.assertEqual(r.get("sc"), "7")
+
     def test_scan_iter_and_hgetall(self):
         r = redis.Redis(port=RESP_PORT, decode_responses=True)
         want = {f"key:{i}" for i in range(50)}
