@@ -16,10 +16,12 @@ run: build
 	./target/release/redis-proxy
 
 # Examples and benches are built (so they cannot rot) but hold no tests;
-# the run ends on the system tests.
+# the run ends on the system tests, then redis-py against the debug binary
+# (a venv under target/; a loud SKIPPED line when PyPI is unreachable).
 test: deps
 	cargo build --all-targets
 	cargo test --lib --bins --tests
+	scripts/test-redis-py.sh
 
 lint:
 	cargo fmt --all -- --check

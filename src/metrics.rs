@@ -274,6 +274,8 @@ pub struct Metrics {
     pub stale_error: Counter,
     /// Background GETs started by stale-while-revalidate.
     pub refreshes: Counter,
+    /// Client commands relayed to Redis as they came (RESP pass-through).
+    pub passthrough: Counter,
     /// Client connections open now.
     pub clients_connected: AtomicI64,
     /// Client connections refused because of the limit.
@@ -558,6 +560,15 @@ pub const COUNTERS: &[Def] = &[
         shown: Shown::Always,
         redis_names: &[],
         read: Read::One(|m, _| m.refreshes.get()),
+    },
+    Def {
+        name: "passthrough_commands_total",
+        help: "RESP commands relayed to Redis uncached (reads, writes, transactions' commands).",
+        kind: Kind::Counter,
+        labels: &[],
+        shown: Shown::Always,
+        redis_names: &[],
+        read: Read::One(|m, _| m.passthrough.get()),
     },
     Def {
         name: "redis_requests_total",

@@ -4,8 +4,10 @@
 //! inserting what Redis returned, writes (which drop the written keys), the
 //! hit/miss counters, and the answers to "ready?" and "what are the
 //! figures?". Front ends speak to it in its own terms ([`Proxy::get`],
-//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::ready`],
-//! [`Proxy::snapshot`]) and never see Redis commands or replies. Whether a
+//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::pass`],
+//! [`Proxy::write`], [`Proxy::transaction`], [`Proxy::ready`],
+//! [`Proxy::snapshot`]) and never see `redis::Value`s: a pass-through's
+//! reply is the bytes Redis sent, relayed as they are. Whether a
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.
@@ -31,10 +33,19 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendError, Redis, SetReply};
+use crate::backend::{Backend, BackendError, CommandTable, Pass, Protocol, Redis, SetReply};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
 use crate::coherence::{Coherence, Join, Lead};
 use crate::metrics::{Metrics, Snapshot};
+
+/// What a write changes, for the cache's sake.
+#[derive(Debug, Clone, Copy)]
+pub enum Written<'a> {
+    /// These keys (from the command's key specs).
+    Keys(&'a [&'a [u8]]),
+    /// Possibly every key (`FLUSHDB`, `FLUSHALL`, `SWAPDB`).
+    All,
+}
 
 /// Where an answer came from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -302,6 +313,74 @@ impl<B: Redis + 'static> Proxy<B> {
             self.coherence.invalidate(key);
         }
         result
+    }
+
+    /// What Redis serves (flags, key specs, `COMMAND` rows), once learned.
+    pub fn commands(&self) -> Option<Arc<CommandTable>> {
+        self.backend.commands()
+    }
+
+    /// Relays a read-only command to Redis, uncached; answers Redis's reply
+    /// bytes as they came.
+    pub fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        self.metrics.passthrough.inc();
+        self.backend.pass(cmd, hint)
+    }
+
+    /// Relays a write, then drops what it wrote from the cache before the
+    /// reply goes back (through coherence, so a GET of those keys in flight
+    /// keeps nothing either), whatever Redis said: a timeout may still
+    /// have written.
+    pub fn write(
+        &self,
+        cmd: &Pass<'_>,
+        written: Written<'_>,
+        hint: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.metrics.passthrough.inc();
+        let result = self.backend.pass(cmd, hint);
+        self.forget(written);
+        result
+    }
+
+    /// Runs `count` packed commands as one `MULTI` ... `EXEC` block on one
+    /// connection (Redis runs it atomically) and answers EXEC's reply as
+    /// it came; what the commands write is dropped as for [`Proxy::write`].
+    pub fn transaction(
+        &self,
+        queued: &[u8],
+        count: usize,
+        route: Option<&[u8]>,
+        protocol: Protocol,
+        written: Written<'_>,
+        hint: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        let mut block = Vec::with_capacity(queued.len() + 32);
+        block.extend_from_slice(b"*1\r\n$5\r\nMULTI\r\n");
+        block.extend_from_slice(queued);
+        block.extend_from_slice(b"*1\r\n$4\r\nEXEC\r\n");
+        let cmd = Pass {
+            commands: &block,
+            replies: count + 2,
+            skip: count + 1,
+            route,
+            protocol,
+        };
+        self.metrics.passthrough.add(count as u64);
+        let result = self.backend.pass(&cmd, hint);
+        self.forget(written);
+        result
+    }
+
+    fn forget(&self, written: Written<'_>) {
+        match written {
+            Written::Keys(keys) => {
+                for key in keys {
+                    self.coherence.invalidate(key);
+                }
+            }
+            Written::All => self.coherence.invalidate_all(),
+        }
     }
 
     /// True when Redis answers PING within the timeout (`/-/ready`).
@@ -622,6 +701,50 @@ mod tests {
         assert_eq!(read(&proxy, b"k"), (Some(b"v2".to_vec()), Source::Miss));
         assert_eq!(proxy.del(&[b"k", b"absent"], 0), Ok(1));
         assert_eq!(read(&proxy, b"k"), (None, Source::Miss));
+    }
+
+    /// A write through the proxy while a GET of its key is in flight: the
+    /// GET's value (read before the write) answers it but is not kept, and
+    /// the next GET reads the new value (guard: `write` invalidates through
+    /// coherence, which marks the flight stale).
+    #[test]
+    fn write_during_a_fetch_is_not_cached() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"k", b"old");
+        let writer = proxy.clone();
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"k".to_vec(), b"new".to_vec());
+            let cmd = Pass {
+                commands: b"*3\r\n$3\r\nSET\r\n$1\r\nk\r\n$3\r\nnew\r\n",
+                replies: 1,
+                skip: 0,
+                route: Some(b"k"),
+                protocol: Protocol::Resp2,
+            };
+            // The fake relays nothing; the drop happens all the same.
+            let _ = writer.write(&cmd, Written::Keys(&[b"k"]), 0);
+        });
+        assert_eq!(read(&proxy, b"k"), (Some(b"old".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"k"), (Some(b"new".to_vec()), Source::Miss));
+        assert_eq!(proxy.metrics.passthrough.get(), 1);
+    }
+
+    /// A flushing write (FLUSHDB) empties the cache.
+    #[test]
+    fn flushing_write_empties_the_cache() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"a", b"1");
+        read(&proxy, b"a");
+        assert_eq!(read(&proxy, b"a").1, Source::Hit);
+        let cmd = Pass {
+            commands: b"*1\r\n$7\r\nFLUSHDB\r\n",
+            replies: 1,
+            skip: 0,
+            route: None,
+            protocol: Protocol::Resp2,
+        };
+        let _ = proxy.write(&cmd, Written::All, 0);
+        assert_eq!(read(&proxy, b"a").1, Source::Miss);
     }
 
     /// With the listener down nothing is served from or kept in the cache.

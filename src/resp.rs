@@ -1,11 +1,13 @@
-//! resp: the Redis-protocol (RESP2) front end.
+//! resp: the Redis-protocol front end (RESP2, and RESP3 after `HELLO 3`).
 //!
 //! Owns its accept loop, the connection loop, and the one place where
 //! results and errors become RESP replies. Its parts: `parse`, the
 //! incremental request parser (multibulk and inline); `commands`, the table
-//! of served commands, one handler each, which also answers `COMMAND`.
-//! Reads go through the shared core (`proxy`); client admission and idle
-//! reaping go through `clients`, shared with HTTP.
+//! of served commands, one handler each, the policy for every other command
+//! (passed through, gated write, refused, unknown; from the command table
+//! the core learned from Redis), `MULTI` queueing, and `COMMAND`.
+//! Reads, pass-through and writes go through the shared core (`proxy`);
+//! client admission and idle reaping go through `clients`, shared with HTTP.
 
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
@@ -16,8 +18,7 @@ use std::time::{Duration, Instant};
 use may::coroutine::JoinHandle;
 use may::net::TcpStream;
 
-use crate::backend::BackendError;
-use crate::backend::SetReply;
+use crate::backend::{BackendError, Protocol};
 use crate::clients::{Clients, Permit};
 use crate::listener;
 use crate::metrics::{Frontend, Metrics, Status, Tally};
@@ -44,8 +45,8 @@ const YIELD_PAUSE: Duration = Duration::from_micros(100);
 /// Version reported by HELLO and INFO.
 const SERVER_VERSION: &str = env!("CARGO_PKG_VERSION");
 
-/// Appends RESP replies to an output buffer.
-struct Out<'a>(&'a mut Vec<u8>);
+/// Appends RESP replies to an output buffer, in the connection's protocol.
+struct Out<'a>(&'a mut Vec<u8>, Protocol);
 
 impl Out<'_> {
     fn simple(&mut self, s: &str) {
@@ -72,19 +73,47 @@ impl Out<'_> {
         self.0.extend_from_slice(b);
         self.0.extend_from_slice(b"\r\n");
     }
-    /// What SET answered.
-    fn set_reply(&mut self, r: &SetReply) {
-        match r {
-            SetReply::Ok => self.simple("OK"),
-            SetReply::Nil => self.nil(),
-            SetReply::Old(b) => self.bulk(b),
+    fn nil(&mut self) {
+        match self.1 {
+            Protocol::Resp2 => self.0.extend_from_slice(b"$-1\r\n"),
+            Protocol::Resp3 => self.0.extend_from_slice(b"_\r\n"),
         }
     }
-    fn nil(&mut self) {
-        self.0.extend_from_slice(b"$-1\r\n");
-    }
     fn array(&mut self, n: usize) {
-        self.0.push(b'*');
+        self.header(b'*', n);
+    }
+    /// A map of `n` pairs: RESP3's `%`, a flat array of `2n` in RESP2.
+    fn map(&mut self, n: usize) {
+        match self.1 {
+            Protocol::Resp2 => self.header(b'*', 2 * n),
+            Protocol::Resp3 => self.header(b'%', n),
+        }
+    }
+    /// A set of `n`: RESP3's `~`, an array in RESP2.
+    fn set(&mut self, n: usize) {
+        match self.1 {
+            Protocol::Resp2 => self.header(b'*', n),
+            Protocol::Resp3 => self.header(b'~', n),
+        }
+    }
+    /// Text as Redis sends INFO: a verbatim string in RESP3, bulk in RESP2.
+    fn verbatim(&mut self, text: &str) {
+        match self.1 {
+            Protocol::Resp2 => self.bulk(text.as_bytes()),
+            Protocol::Resp3 => {
+                self.header(b'=', text.len() + 4);
+                self.0.extend_from_slice(b"txt:");
+                self.0.extend_from_slice(text.as_bytes());
+                self.0.extend_from_slice(b"\r\n");
+            }
+        }
+    }
+    /// Reply bytes that are already RESP (relayed from Redis).
+    fn raw(&mut self, bytes: &[u8]) {
+        self.0.extend_from_slice(bytes);
+    }
+    fn header(&mut self, kind: u8, n: usize) {
+        self.0.push(kind);
         self.0.extend_from_slice(itoa_usize(n).as_bytes());
         self.0.extend_from_slice(b"\r\n");
     }
@@ -109,7 +138,7 @@ pub struct RespShared {
     pub max_request: usize,
     pub db: i64,
     pub idle_timeout: Duration,
-    /// `PROXY_ALLOW_WRITES`: serve SET and DEL.
+    /// `PROXY_ALLOW_WRITES`: pass Redis's write commands through.
     pub allow_writes: bool,
 }
 
@@ -160,8 +189,15 @@ fn drain_until_closed(stream: &mut TcpStream) {
 }
 
 /// Per-connection state kept across commands.
+#[derive(Default)]
 struct Session {
     name: Option<Vec<u8>>,
+    /// The protocol `HELLO` chose (RESP2 until then).
+    protocol: Protocol,
+    /// Commands queued since `MULTI`.
+    multi: Option<commands::Multi>,
+    /// Scratch space for a command re-packed for Redis.
+    packed: Vec<u8>,
 }
 
 /// Lets the other coroutines of this worker run, those waiting for their
@@ -193,7 +229,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
     let mut parser = Parser::new();
     let mut unyielded_bytes = 0;
     let mut unyielded_commands = 0;
-    let mut session = Session { name: None };
+    let mut session = Session::default();
     let mut next = Next::Continue;
     let mut tally = Tally::default();
     let metrics = shared.metrics.clone();
@@ -234,7 +270,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
                     break;
                 }
                 Err(ProtocolError(msg)) => {
-                    Out(&mut wbuf).error(&format!("ERR Protocol error: {msg}"));
+                    Out(&mut wbuf, Protocol::Resp2).error(&format!("ERR Protocol error: {msg}"));
                     next = Next::Close;
                 }
             }
@@ -314,14 +350,17 @@ fn backend_error_line(e: &BackendError) -> String {
     }
 }
 
+/// HELLO's reply, shaped like Redis's own: a map in RESP3, a flat array
+/// in RESP2.
 fn hello_reply(out: &mut Out, fd: usize) {
-    out.array(14);
+    let proto = out.1.number();
+    out.map(7);
     out.bulk(b"server");
     out.bulk(b"redis-proxy");
     out.bulk(b"version");
     out.bulk(SERVER_VERSION.as_bytes());
     out.bulk(b"proto");
-    out.int(2);
+    out.int(proto);
     out.bulk(b"id");
     out.int(fd as i64);
     out.bulk(b"mode");
@@ -364,7 +403,24 @@ mod tests {
     #[test]
     fn error_lines_are_single_line() {
         let mut buf = Vec::new();
-        Out(&mut buf).error("ERR a\r\nb");
+        Out(&mut buf, Protocol::Resp2).error("ERR a\r\nb");
         assert_eq!(buf, b"-ERR a  b\r\n");
+    }
+
+    /// Nils, maps and verbatim text in each protocol, as Redis sends them.
+    #[test]
+    fn encodings_follow_the_protocol() {
+        let mut two = Vec::new();
+        let mut out = Out(&mut two, Protocol::Resp2);
+        out.nil();
+        out.map(1);
+        out.verbatim("a");
+        assert_eq!(two, b"$-1\r\n*2\r\n$1\r\na\r\n");
+        let mut three = Vec::new();
+        let mut out = Out(&mut three, Protocol::Resp3);
+        out.nil();
+        out.map(1);
+        out.verbatim("a");
+        assert_eq!(three, b"_\r\n%1\r\n=5\r\ntxt:a\r\n");
     }
 }

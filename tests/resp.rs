@@ -437,19 +437,21 @@ fn binary_keys_and_values() {
 // ---------------------------------------------------------------------------
 // Errors and the connection staying usable
 
-/// An unknown command gets `-ERR unknown command '<name>'`, is not sent to
-/// Redis, and the connection stays usable.
+/// An unknown command gets Redis 7's `-ERR unknown command '<name>', with
+/// args beginning with: ...`; with writes off (the default) a write gets
+/// the writes-disabled error; neither is sent to Redis, and the connection
+/// stays usable.
 #[test]
 fn unknown_command_is_refused_and_connection_stays_usable() {
     let redis = Redis::start();
     redis.set("k", "v");
     let (_proxy, port) = start(&redis, &[]);
     let mut con = connect(port);
+    let disabled = "ERR write commands are disabled on this proxy (set PROXY_ALLOW_WRITES)";
     let line = expect_error(query(&mut con, &[b"FLUSHALL"]));
-    assert_eq!(line, "ERR unknown command 'FLUSHALL'");
-    // Writes are off by default: SET is unknown too.
+    assert_eq!(line, disabled);
     let line = expect_error(query(&mut con, &[b"SET", b"k", b"overwritten"]));
-    assert_eq!(line, "ERR unknown command 'SET'");
+    assert_eq!(line, disabled);
     assert_eq!(
         query(&mut con, &[b"PING"]).unwrap(),
         Value::SimpleString("PONG".into())
@@ -465,7 +467,7 @@ fn unknown_command_is_refused_and_connection_stays_usable() {
     let mut raw = Raw::connect(port);
     raw.roundtrip(
         b"*2\r\n$6\r\nNoSuch\r\n$1\r\nx\r\n",
-        b"-ERR unknown command 'NoSuch'\r\n",
+        b"-ERR unknown command 'NoSuch', with args beginning with: 'x' \r\n",
     );
     raw.roundtrip(b"*1\r\n$4\r\nPING\r\n", b"+PONG\r\n");
 }
@@ -572,10 +574,11 @@ fn ping_and_echo() {
     raw.roundtrip(b"*2\r\n$4\r\nECHO\r\n$0\r\n\r\n", b"$0\r\n\r\n");
 }
 
-/// HELLO 2 answers the server map with proto 2; HELLO 3 is -NOPROTO and the
-/// connection keeps speaking RESP2.
+/// HELLO 2 answers the server map with proto 2 (a flat array); HELLO 3
+/// switches to RESP3 (a map, nils as `_`); HELLO 4 is -NOPROTO and the
+/// connection keeps its protocol.
 #[test]
-fn hello_2_works_and_hello_3_is_noproto() {
+fn hello_2_and_3_switch_and_hello_4_is_noproto() {
     let redis = Redis::start();
     let (_proxy, port) = start(&redis, &[]);
     let mut con = connect(port);
@@ -589,7 +592,7 @@ fn hello_2_works_and_hello_3_is_noproto() {
         .map(|kv| kv[1].clone());
     assert_eq!(proto, Some(Value::Int(2)), "{reply:?}");
 
-    let line = expect_error(query(&mut con, &[b"HELLO", b"3"]));
+    let line = expect_error(query(&mut con, &[b"HELLO", b"4"]));
     assert!(line.starts_with("NOPROTO"), "{line}");
     assert_eq!(
         query(&mut con, &[b"PING"]).unwrap(),
@@ -598,7 +601,18 @@ fn hello_2_works_and_hello_3_is_noproto() {
 
     let mut raw = Raw::connect(port);
     raw.send(b"*2\r\n$5\r\nHELLO\r\n$1\r\n3\r\n");
-    raw.expect(b"-NOPROTO");
+    raw.expect(b"%7\r\n$6\r\nserver\r\n");
+    let mut rest = Vec::new();
+    // The rest of the map ends with `modules` and its empty array.
+    while !rest.ends_with(b"$7\r\nmodules\r\n*0\r\n") {
+        let mut byte = [0u8; 1];
+        raw.stream.read_exact(&mut byte).expect("HELLO 3 map");
+        rest.push(byte[0]);
+    }
+    assert!(show(&rest).contains("proto\\r\\n:3"), "{}", show(&rest));
+    raw.roundtrip(b"GET absent\r\n", b"_\r\n");
+    raw.roundtrip(b"HELLO 4\r\n", b"-NOPROTO unsupported protocol version\r\n");
+    raw.roundtrip(b"GET absent\r\n", b"_\r\n");
 }
 
 /// SELECT of the configured db is OK (the `redis` crate sends it on connect),
@@ -1143,7 +1157,7 @@ fn command_lists_exactly_the_served_commands() {
     assert!(!names.iter().any(|n| n == "set" || n == "del"), "{names:?}");
     assert_eq!(
         expect_error(query(&mut con, &[b"DEL", b"k"])),
-        "ERR unknown command 'DEL'"
+        "ERR write commands are disabled on this proxy (set PROXY_ALLOW_WRITES)"
     );
     assert_eq!(
         expect_error(query(&mut con, &[b"COMMAND", b"GETKEYS", b"DEL", b"k"])),
@@ -1351,7 +1365,7 @@ fn a_million_argument_request_does_not_stall_other_clients() {
     let mut big = Raw::connect(port);
     let sent = Instant::now();
     big.send(&request);
-    big.expect(b"-ERR unknown command 'DEL'\r\n");
+    big.expect(b"-ERR write commands are disabled on this proxy (set PROXY_ALLOW_WRITES)\r\n");
     let took = sent.elapsed();
     done.store(true, Ordering::Relaxed);
     big.roundtrip(b"PING\r\n", b"+PONG\r\n");

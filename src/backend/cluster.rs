@@ -82,6 +82,14 @@ impl Redirect {
         }
     }
 
+    /// The redirection a relayed reply is, if it is one (`-MOVED ...` or
+    /// `-ASK ...`, as Redis sent it).
+    pub fn of_raw(reply: &[u8]) -> Option<Redirect> {
+        let line = reply.strip_prefix(b"-")?;
+        let end = line.iter().position(|&b| b == b'\r')?;
+        Redirect::parse(std::str::from_utf8(&line[..end]).ok()?)
+    }
+
     /// The first redirection among packed replies.
     pub fn of_values(values: &[Value]) -> Option<Redirect> {
         values.iter().find_map(|v| match v {
@@ -442,7 +450,8 @@ pub(crate) fn detect(seeds: &[RedisTarget], timeout: Duration) -> Option<bool> {
                 };
                 return Some(text.contains("cluster_enabled:1"));
             }
-            Err(why) => log::warn!("seed {seed} did not answer INFO cluster: {why}"),
+            // The data links log why a Redis cannot be reached (once).
+            Err(why) => log::debug!("seed {seed} did not answer INFO cluster: {why}"),
         }
     }
     None
@@ -646,6 +655,15 @@ mod tests {
     /// Redirection lines parse into kind, slot and address; others do not.
     #[test]
     fn redirect_lines() {
+        assert_eq!(
+            Redirect::of_raw(b"-ASK 3999 127.0.0.1:6381\r\n"),
+            Some(Redirect::Ask {
+                slot: 3999,
+                addr: ("127.0.0.1".into(), 6381)
+            })
+        );
+        assert_eq!(Redirect::of_raw(b"-ERR MOVED\r\n"), None);
+        assert_eq!(Redirect::of_raw(b"$5\r\nMOVED\r\n"), None);
         assert_eq!(
             Redirect::parse("MOVED 3999 127.0.0.1:6381"),
             Some(Redirect::Moved {

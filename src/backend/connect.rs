@@ -169,6 +169,19 @@ pub(crate) fn connect<S: Socket>(
     extra: &[u8],
     extra_replies: usize,
 ) -> Result<(Conn<S>, Vec<Value>), ConnectError> {
+    connect_speaking::<S>(target, timeout, 2, extra, extra_replies)
+}
+
+/// [`connect`] speaking RESP `protocol` (2 or 3): for 3 the handshake
+/// starts with `HELLO 3` (carrying AUTH), and every reply after it,
+/// `extra`'s included, comes in RESP3.
+pub(crate) fn connect_speaking<S: Socket>(
+    target: &RedisTarget,
+    timeout: Duration,
+    protocol: u8,
+    extra: &[u8],
+    extra_replies: usize,
+) -> Result<(Conn<S>, Vec<Value>), ConnectError> {
     let addr = resolve(&target.host, target.port).map_err(ConnectError::Unreachable)?;
     let socket = S::open(&addr, timeout).map_err(|e| ConnectError::Unreachable(e.to_string()))?;
     let stream = match &target.tls {
@@ -179,7 +192,7 @@ pub(crate) fn connect<S: Socket>(
         stream,
         parser: Parser::new(),
     };
-    let (mut cmds, mut handshake) = handshake(target);
+    let (mut cmds, mut handshake) = handshake(target, protocol);
     if target.tls.is_some() && handshake == 0 {
         // A TLS 1.3 server refuses a client certificate only after the
         // handshake: one round trip here makes that a failed connect, with
@@ -253,11 +266,23 @@ fn tls_handshake<S: Socket>(
     Ok(stream)
 }
 
-/// The handshake commands for `target` and how many replies they produce.
-fn handshake(target: &RedisTarget) -> (Vec<u8>, usize) {
+/// The handshake commands for `target` in RESP `protocol` and how many
+/// replies they produce.
+fn handshake(target: &RedisTarget, protocol: u8) -> (Vec<u8>, usize) {
     let mut cmds = Vec::new();
     let mut replies = 0;
-    if let Some(password) = &target.password {
+    if protocol == 3 {
+        // HELLO takes the credentials itself: one round trip, and AUTH's
+        // reply would already be RESP3 anyway.
+        let mut hello = redis::cmd("HELLO");
+        hello.arg(3);
+        if let Some(password) = &target.password {
+            let user = target.username.as_deref().unwrap_or("default");
+            hello.arg("AUTH").arg(user).arg(password);
+        }
+        hello.write_packed_command(&mut cmds);
+        replies += 1;
+    } else if let Some(password) = &target.password {
         let mut auth = redis::cmd("AUTH");
         if let Some(user) = &target.username {
             auth.arg(user);
@@ -308,11 +333,34 @@ mod tests {
     /// AUTH and SELECT are sent only when needed, each with one reply.
     #[test]
     fn handshake_sends_only_what_is_needed() {
-        assert_eq!(handshake(&target(None, 0)), (Vec::new(), 0));
-        let (cmds, n) = handshake(&target(Some("pw"), 1));
+        assert_eq!(handshake(&target(None, 0), 2), (Vec::new(), 0));
+        let (cmds, n) = handshake(&target(Some("pw"), 1), 2);
         assert_eq!(n, 2);
         let text = String::from_utf8_lossy(&cmds);
         assert!(text.contains("AUTH") && text.contains("SELECT"), "{text}");
+    }
+
+    /// RESP3 links open with `HELLO 3`, the credentials folded into it.
+    #[test]
+    fn resp3_handshake_is_hello_with_auth() {
+        let (cmds, n) = handshake(&target(None, 0), 3);
+        assert_eq!(
+            (cmds, n),
+            (redis::cmd("HELLO").arg(3).get_packed_command(), 1)
+        );
+        let (cmds, n) = handshake(&target(Some("pw"), 2), 3);
+        assert_eq!(n, 2);
+        let want = redis::cmd("HELLO")
+            .arg(3)
+            .arg("AUTH")
+            .arg("default")
+            .arg("pw")
+            .get_packed_command();
+        assert!(
+            cmds.starts_with(&want),
+            "{:?}",
+            String::from_utf8_lossy(&cmds)
+        );
     }
 
     /// A stalled handshake is a timeout; anything else that fails is unavailable.

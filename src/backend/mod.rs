@@ -10,21 +10,25 @@
 //! `CLIENT TRACKING` failed); it never calls up into the core.
 //!
 //! # Parts
-//! - `connect`: resolve, TCP connect, TLS, AUTH, SELECT, for data links (may
-//!   sockets) and the invalidation listener and Sentinel watcher (std
-//!   sockets) alike.
+//! - `connect`: resolve, TCP connect, TLS, AUTH or HELLO 3, SELECT, for
+//!   data links (may sockets) and the invalidation listener, Sentinel
+//!   watcher and command learner (std sockets) alike.
 //! - `tls`: the rustls client configuration of `rediss://`.
 //! - `sentinel`: where the master is (Sentinel-found), and the watcher
 //!   thread that follows it.
-//! - `node`: one node's per-worker pipelined connections (I/O coroutines).
-//! - `topology`: which node serves a key: [`Topology::Single`] or
-//!   [`Topology::Cluster`] (a Sentinel-found master adds a variant), and the
-//!   one routing function, [`Topology::route`]; callers always name a key
-//!   (or a slot).
+//! - `node`: one node's per-worker pipelined connections (I/O coroutines);
+//!   a second, RESP3 set opened on first use; raw relay jobs ([`Pass`]).
+//! - `commands`: what Redis serves ([`CommandTable`]), learned from its own
+//!   `COMMAND` and `COMMAND DOCS` on a thread of its own.
+//! - `topology`: which node serves a key: [`Topology::Single`] (one Redis,
+//!   or the master Sentinel found) or [`Topology::Cluster`], and the one
+//!   routing function, [`Topology::route`]; callers always name a key (or
+//!   a slot).
 //! - `cluster`: a Redis Cluster's slot map, redirections and refreshes.
 //! - `slot`: hash slots (CRC16 of the key or its `{hash tag}`).
 
 mod cluster;
+pub mod commands;
 pub(crate) mod connect;
 mod node;
 pub(crate) mod sentinel;
@@ -43,6 +47,8 @@ use crate::coherence::Freshness;
 use crate::config::{RedisTarget, SentinelTarget};
 
 pub use cluster::{NodeGauges, Redirect};
+pub use commands::CommandTable;
+use commands::Learner;
 pub use topology::Topology;
 
 use crate::config::ClusterMode;
@@ -85,6 +91,9 @@ pub struct BackendStats {
     pub errors_reply: AtomicU64,
     /// Connections established after the first one of each I/O coroutine.
     pub reconnects: AtomicU64,
+    /// Connections opened, first ones included (the command table is
+    /// learned again after each: it may be another Redis than before).
+    pub links_opened: AtomicU64,
     /// Times the master moved (Sentinel).
     pub failovers: AtomicU64,
     /// `MOVED` redirections followed (cluster).
@@ -121,6 +130,49 @@ pub enum SetReply {
     Old(Vec<u8>),
 }
 
+/// The RESP version a reply is wanted in.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Protocol {
+    #[default]
+    Resp2,
+    Resp3,
+}
+
+impl Protocol {
+    /// 0 for RESP2, 1 for RESP3 (for tables kept in both).
+    pub fn index(self) -> usize {
+        match self {
+            Protocol::Resp2 => 0,
+            Protocol::Resp3 => 1,
+        }
+    }
+
+    /// The version number (`HELLO`'s `proto`).
+    pub fn number(self) -> i64 {
+        match self {
+            Protocol::Resp2 => 2,
+            Protocol::Resp3 => 3,
+        }
+    }
+}
+
+/// Commands relayed to Redis as they are: their replies come back as the
+/// bytes Redis sent, never decoded.
+#[derive(Debug, Clone, Copy)]
+pub struct Pass<'a> {
+    /// The commands, packed (RESP multibulk), written as one block.
+    pub commands: &'a [u8],
+    /// How many replies they produce.
+    pub replies: usize,
+    /// How many of the first replies to read and drop (MULTI's `+OK` and
+    /// the `+QUEUED`s before EXEC's reply).
+    pub skip: usize,
+    /// The key that picks the node (the first key), `None` for keyless commands.
+    pub route: Option<&'a [u8]>,
+    /// The replies' protocol: RESP3 goes on a node's RESP3 connections.
+    pub protocol: Protocol,
+}
+
 /// What the read-through core needs from Redis. The real [`Backend`]
 /// implements it; unit tests of the core drive a fake through the races the
 /// core must survive. Callers name keys, never connections: `hint` (the
@@ -146,6 +198,18 @@ pub trait Redis: Send + Sync {
     fn ping(&self, hint: usize) -> bool;
     /// Counters for metrics.
     fn stats(&self) -> &BackendStats;
+    /// Relays `cmd` and answers the reply bytes after its first `skip`
+    /// replies, as Redis sent them (an error reply is an answer, not an `Err`).
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        let _ = (cmd, hint);
+        Err(BackendError::Unavailable(
+            "pass-through not supported".into(),
+        ))
+    }
+    /// What Redis serves, once learned from its `COMMAND` replies.
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        None
+    }
 }
 
 impl<T: Redis + ?Sized> Redis for Arc<T> {
@@ -173,6 +237,12 @@ impl<T: Redis + ?Sized> Redis for Arc<T> {
     fn stats(&self) -> &BackendStats {
         (**self).stats()
     }
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        (**self).pass(cmd, hint)
+    }
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        (**self).commands()
+    }
 }
 
 /// Settings of the backend.
@@ -195,6 +265,7 @@ pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
     master: Option<Arc<sentinel::Master>>,
+    commands: Arc<Learner>,
 }
 
 impl Backend {
@@ -213,6 +284,7 @@ impl Backend {
         Backend {
             topology,
             stats,
+            commands: Learner::start(learn_from(&options, master.clone()), options.timeout),
             master,
         }
     }
@@ -245,7 +317,9 @@ impl Backend {
             return Backend::start(options);
         }
         let stats = Arc::new(BackendStats::default());
+        let learn_seeds = seeds.clone();
         Backend {
+            commands: Learner::start(Box::new(move || learn_seeds.clone()), options.timeout),
             topology: Topology::cluster(&options, seeds, stats.clone()),
             stats,
             master: None,
@@ -431,6 +505,61 @@ impl Redis for Backend {
 
     fn stats(&self) -> &BackendStats {
         &self.stats
+    }
+
+    fn pass(&self, cmd: &Pass<'_>, hint: usize) -> Result<Vec<u8>, BackendError> {
+        let reply = match (&self.topology, cmd.route) {
+            (Topology::Single(node), _) => node.relay(hint, cmd)?,
+            // A keyless command has no one node in a cluster: answering one
+            // master's DBSIZE or SCAN would pass for the whole keyspace.
+            (Topology::Cluster(_), None) => {
+                return Err(BackendError::Reply(
+                    "ERR this command takes no key, so redis-proxy cannot route it in a \
+                     Redis Cluster; send it to a node directly"
+                        .into(),
+                ))
+            }
+            (Topology::Cluster(_), Some(key)) => self.topology.route(
+                key,
+                |node, asking| {
+                    if !asking {
+                        return node.relay(hint, cmd);
+                    }
+                    let commands = asking_prefixed(cmd.commands);
+                    let asked = Pass {
+                        commands: &commands,
+                        replies: cmd.replies + 1,
+                        skip: cmd.skip + 1,
+                        ..*cmd
+                    };
+                    node.relay(hint, &asked)
+                },
+                |result| result.as_ref().ok().and_then(|r| Redirect::of_raw(r)),
+            )?,
+        };
+        if reply.first() == Some(&b'-') {
+            self.stats.errors_reply.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(reply)
+    }
+
+    fn commands(&self) -> Option<Arc<CommandTable>> {
+        self.commands.table(&self.stats)
+    }
+}
+
+/// Where the command table is learned: the one Redis, or wherever
+/// Sentinel last found the master.
+fn learn_from(
+    options: &BackendOptions,
+    master: Option<Arc<sentinel::Master>>,
+) -> commands::Targets {
+    let base = options.target.clone();
+    match master {
+        None => Box::new(move || vec![base.clone()]),
+        Some(master) => {
+            Box::new(move || master.target(&base).map(|(t, _)| t).into_iter().collect())
+        }
     }
 }
 

@@ -10,6 +10,13 @@
 //! [`BackendError::Timeout`], and the connection is dropped: a late reply on
 //! it would otherwise answer the wrong caller.
 //!
+//! A pass-through job (`Cmd::Raw`) writes the client's packed commands and
+//! answers the reply frames' bytes, cut out of the read buffer by
+//! `frame_len` and copied, never parsed into a `Value`. RESP3 clients' jobs
+//! go to a second set of I/O coroutines whose connections open with
+//! `HELLO 3`, started on the first such job; same batching, deadlines and
+//! drop-after-timeout, no tracking (they fill no cache).
+//!
 //! With tracking, each connection keeps `CLIENT TRACKING ON REDIRECT <id>`
 //! on (sent ahead of the next batch whenever the listener's id changed) and
 //! reports a reopened link and a failed `CLIENT TRACKING` into the
@@ -17,17 +24,18 @@
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use may::net::TcpStream;
 use may::sync::{mpsc, Blocker};
 use redis::Value;
 
-use super::connect::{connect, ConnectError, DataStream};
+use super::connect::{connect_speaking, ConnectError, DataStream};
 use super::sentinel::Master;
 use super::{
-    bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult,
+    bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult, Pass,
+    Protocol,
 };
 use crate::coherence::Freshness;
 
@@ -52,6 +60,14 @@ enum Cmd {
     Get(*const u8, usize),
     GetMany(*const &'static [u8], usize),
     Packed(Vec<u8>, usize),
+    /// A pass-through: the caller's packed commands (borrowed as keys
+    /// are), how many replies they produce, how many of those to drop.
+    Raw {
+        ptr: *const u8,
+        len: usize,
+        replies: usize,
+        skip: usize,
+    },
 }
 
 impl Cmd {
@@ -60,6 +76,7 @@ impl Cmd {
         match self {
             Cmd::Get(..) => 1,
             Cmd::GetMany(_, n) | Cmd::Packed(_, n) => *n,
+            Cmd::Raw { replies, .. } => *replies,
         }
     }
 
@@ -78,6 +95,11 @@ impl Cmd {
                 }
             }
             Cmd::Packed(cmds, _) => buf.extend_from_slice(cmds),
+            Cmd::Raw { ptr, len, .. } => {
+                // SAFETY: the caller's commands, alive while it is parked.
+                let cmds = unsafe { std::slice::from_raw_parts(*ptr, *len) };
+                buf.extend_from_slice(cmds)
+            }
         }
     }
 }
@@ -87,6 +109,8 @@ pub(crate) enum Answer {
     One(GetResult),
     Many(Vec<GetResult>),
     Values(Vec<Value>),
+    /// Reply frames as Redis sent them.
+    Raw(Vec<u8>),
 }
 
 type Reply = Result<Answer, BackendError>;
@@ -138,9 +162,13 @@ fn stopped() -> BackendError {
 /// One node's per-worker connections.
 pub struct Node {
     queues: Vec<mpsc::Sender<Job>>,
+    /// A second set speaking RESP3 (`HELLO 3`), started on first use, that
+    /// serves RESP3 clients' pass-through so replies need no conversion.
+    resp3: OnceLock<Vec<mpsc::Sender<Job>>>,
+    /// What the RESP3 set is started with (boxed: a topology holds nodes
+    /// by value, and this is most of one).
+    set: Box<SetOptions>,
     timeout: Duration,
-    /// Connections open now (a gauge per node in the metrics).
-    open: Arc<AtomicI64>,
 }
 
 impl Node {
@@ -157,34 +185,50 @@ impl Node {
         stats: Arc<BackendStats>,
         master: Option<Arc<Master>>,
     ) -> Node {
-        let up = Arc::new(AtomicBool::new(false));
-        let open = Arc::new(AtomicI64::new(0));
-        let warned = Arc::new(Mutex::new(None));
-        let queues = (0..options.connections.max(1))
-            .map(|index| {
-                let (tx, rx) = mpsc::channel();
-                let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
-                io.open = open.clone();
-                io.master = master.clone();
-                io.warned = warned.clone();
-                let builder = may::coroutine::Builder::new()
-                    .name(format!("redis-io-{index}"))
-                    .stack_size(IO_STACK_BYTES)
-                    .id(index);
-                may::go!(builder, move || io.run(rx)).expect("spawn redis I/O coroutine");
-                tx
-            })
-            .collect();
+        let set = SetOptions {
+            options: options.clone(),
+            stats,
+            master,
+            open: Arc::new(AtomicI64::new(0)),
+            warned: Arc::new(Mutex::new(None)),
+        };
         Node {
-            queues,
+            queues: set.start(2),
+            resp3: OnceLock::new(),
             timeout: options.timeout,
-            open,
+            set: Box::new(SetOptions {
+                // The RESP3 set fills no cache, so it needs no tracking.
+                options: BackendOptions {
+                    freshness: None,
+                    ..options.clone()
+                },
+                ..set
+            }),
         }
     }
 
     /// The gauge of this node's open connections.
     pub(crate) fn open_connections(&self) -> Arc<AtomicI64> {
-        self.open.clone()
+        self.set.open.clone()
+    }
+
+    /// Relays `cmd` on connection `hint % connections` of the set for its
+    /// protocol; answers the reply frames after the first `skip`, as sent.
+    pub(crate) fn relay(&self, hint: usize, cmd: &Pass<'_>) -> Result<Vec<u8>, BackendError> {
+        let queues = match cmd.protocol {
+            Protocol::Resp2 => &self.queues,
+            Protocol::Resp3 => self.resp3.get_or_init(|| self.set.start(3)),
+        };
+        let raw = Cmd::Raw {
+            ptr: cmd.commands.as_ptr(),
+            len: cmd.commands.len(),
+            replies: cmd.replies,
+            skip: cmd.skip,
+        };
+        match self.submit_on(queues, hint, raw)? {
+            Answer::Raw(bytes) => Ok(bytes),
+            _ => Err(stopped()),
+        }
     }
 
     /// `GET key` on connection `hint % connections`.
@@ -228,6 +272,10 @@ impl Node {
     /// ignores cancellation: returning early would free keys the job still
     /// points at.
     fn submit(&self, hint: usize, cmd: Cmd) -> Reply {
+        self.submit_on(&self.queues, hint, cmd)
+    }
+
+    fn submit_on(&self, queues: &[mpsc::Sender<Job>], hint: usize, cmd: Cmd) -> Reply {
         let slot = Arc::new(Slot {
             reply: Mutex::new(None),
             done: AtomicBool::new(false),
@@ -238,7 +286,7 @@ impl Node {
             deadline: Instant::now() + self.timeout,
             slot: slot.clone(),
         };
-        let queue = &self.queues[hint % self.queues.len()];
+        let queue = &queues[hint % queues.len()];
         // A refused job is dropped with the error, which answers it.
         let _ = queue.send(job);
         while !slot.done.load(Ordering::Acquire) {
@@ -246,6 +294,42 @@ impl Node {
         }
         let reply = slot.reply.lock().unwrap_or_else(|e| e.into_inner()).take();
         reply.unwrap_or_else(|| Err(stopped()))
+    }
+}
+
+/// Starts one I/O coroutine per connection, speaking RESP `protocol`;
+/// each connects on its first job.
+struct SetOptions {
+    options: BackendOptions,
+    stats: Arc<BackendStats>,
+    master: Option<Arc<Master>>,
+    /// Connections open now, both sets together (a gauge per node).
+    open: Arc<AtomicI64>,
+    warned: Arc<Mutex<Option<String>>>,
+}
+
+impl SetOptions {
+    /// Starts one I/O coroutine per connection speaking RESP `protocol`;
+    /// each connects on its first job.
+    fn start(&self, protocol: u8) -> Vec<mpsc::Sender<Job>> {
+        let up = Arc::new(AtomicBool::new(false));
+        (0..self.options.connections.max(1))
+            .map(|index| {
+                let (tx, rx) = mpsc::channel();
+                let mut io =
+                    IoLoop::new(index, self.options.clone(), self.stats.clone(), up.clone());
+                io.protocol = protocol;
+                io.open = self.open.clone();
+                io.master = self.master.clone();
+                io.warned = self.warned.clone();
+                let builder = may::coroutine::Builder::new()
+                    .name(format!("redis-io-{index}"))
+                    .stack_size(IO_STACK_BYTES)
+                    .id(index);
+                may::go!(builder, move || io.run(rx)).expect("spawn redis I/O coroutine");
+                tx
+            })
+            .collect()
     }
 }
 
@@ -547,6 +631,8 @@ struct IoLoop {
     /// The last connect failure logged for this node: each reason is logged
     /// once for all its connections, not once per connection and attempt.
     warned: Arc<Mutex<Option<String>>>,
+    /// The RESP version the link speaks (2, or 3 after `HELLO 3`).
+    protocol: u8,
 }
 
 impl IoLoop {
@@ -576,6 +662,7 @@ impl IoLoop {
             master: None,
             link_generation: 0,
             warned: Arc::new(Mutex::new(None)),
+            protocol: 2,
         }
     }
 
@@ -701,6 +788,26 @@ impl IoLoop {
                     read = values.len();
                     outcome.map(|()| Answer::Values(values))
                 }
+                Cmd::Raw { replies, skip, .. } => {
+                    // Frames are copied straight out of the read buffer.
+                    let mut out = Vec::new();
+                    let mut outcome = Ok(());
+                    while read < *replies {
+                        match reader.frame(stream, job.deadline) {
+                            Ok((at, len)) => {
+                                if read >= *skip {
+                                    out.extend_from_slice(&reader.buf[at..at + len]);
+                                }
+                                read += 1;
+                            }
+                            Err(e) => {
+                                outcome = Err(e);
+                                break;
+                            }
+                        }
+                    }
+                    outcome.map(|()| Answer::Raw(out))
+                }
             };
             match answer {
                 Ok(Answer::Values(values)) if values.iter().any(is_readonly) => {
@@ -791,6 +898,7 @@ impl IoLoop {
                 if self.connected_before {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
+                self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) || self.retry_at.is_some() {
                     log::info!(
                         "redis connection {} up ({})",
@@ -852,7 +960,7 @@ impl IoLoop {
                 target
             }
         };
-        let (conn, _) = connect::<TcpStream>(&target, timeout, &[], 0)?;
+        let (conn, _) = connect_speaking::<TcpStream>(&target, timeout, self.protocol, &[], 0)?;
         // Set once per connection; `Reader` lowers the read timeout only
         // when a deadline needs it.
         conn.stream

@@ -14,6 +14,7 @@
 pub mod cluster;
 pub mod sentinel;
 pub mod tls;
+pub mod wire;
 
 use std::collections::HashSet;
 use std::io::{self, Read, Write};
@@ -203,6 +204,8 @@ impl Redis {
             .args(["--save", "", "--appendonly", "no"])
             .args(["--daemonize", "no", "--loglevel", "warning"])
             .args(["--dir", &std::env::temp_dir().to_string_lossy()])
+            // Never load a dump.rdb another process left in the temp dir.
+            .args(["--dbfilename", &format!("redis-proxy-test-{port}.rdb")])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
