@@ -185,12 +185,15 @@ start_proxy() { # name port [VAR=value...]
   wait_up "$name" "$pid" "$tmp/$name.log" curl -sf "http://127.0.0.1:$port/-/healthy"
   eval "PID_${name}=$pid"
 }
-start_proxy hit "$P_HIT" RESP_PORT="$P_HIT_RESP" CACHE_CAPACITY=1000000
+# The hit targets keep their keys for the whole run (the default TTL of 60 s
+# would expire them between the warm-up and the last round).
+LONG_TTL=CACHE_TTL_MS=86400000
+start_proxy hit "$P_HIT" RESP_PORT="$P_HIT_RESP" CACHE_CAPACITY=1000000 "$LONG_TTL"
 start_proxy miss "$P_MISS" RESP_PORT="$P_MISS_RESP" CACHE_CAPACITY=0
-start_proxy track "$P_TRACK" CACHE_CAPACITY=1000000 CACHE_INVALIDATION=tracking
+start_proxy track "$P_TRACK" CACHE_CAPACITY=1000000 CACHE_INVALIDATION=tracking "$LONG_TTL"
 # Room for every hot key several times over: the bound is on, nothing is evicted.
 BYTES_BOUND=$((NKEYS * (VBYTES + 64) * 4 + 1048576))
-start_proxy bytes "$P_BYTES" CACHE_CAPACITY=1000000 CACHE_MAX_BYTES="$BYTES_BOUND"
+start_proxy bytes "$P_BYTES" CACHE_CAPACITY=1000000 CACHE_MAX_BYTES="$BYTES_BOUND" "$LONG_TTL"
 start_proxy hot "$P_HOT" CACHE_TTL_MS=1000
 start_proxy swr "$P_SWR" CACHE_TTL_MS=1000 CACHE_STALE_WHILE_REVALIDATE_MS=5000
 

@@ -4,8 +4,9 @@
 //! inserting what Redis returned, writes (which drop the written keys), the
 //! hit/miss counters, and the answers to "ready?" and "what are the
 //! figures?". Front ends speak to it in its own terms ([`Proxy::get`],
-//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::ready`],
-//! [`Proxy::snapshot`]) and never see Redis commands or replies. Whether a
+//! [`Proxy::get_many`], [`Proxy::get_batch`] for the GETs of a pipeline,
+//! [`Proxy::set`], [`Proxy::del`], [`Proxy::ready`], [`Proxy::snapshot`])
+//! and never see Redis commands or replies. Whether a
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.

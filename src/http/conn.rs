@@ -5,7 +5,10 @@
 //! again. So pipelined requests cost one read and one write per batch, and
 //! everything due is written before the connection closes, whatever ends
 //! it (a half-close, a malformed request behind valid ones, a refused
-//! body). Cached values of more than [`COPY_MAX`] bytes are written from
+//! body). The key reads at the front of the buffer (two or more GET/HEAD
+//! requests in a row) are looked up together first ([`prefetch`]), so
+//! their misses share one Redis round trip. Cached values of more than
+//! [`COPY_MAX`] bytes are written from
 //! the cache entry itself, never copied; smaller ones are copied once, into
 //! the output buffer.
 //!
