@@ -4,11 +4,16 @@
 #   (a) proxy, cache hits          (b) proxy, CACHE_CAPACITY=0 (every GET goes to Redis)
 #   (c) webdis (GET/key.txt)       (d) examples/bare_http (the may_minihttp floor)
 #   (e) proxy, hits, CACHE_INVALIDATION=tracking
-#   (f) redis-benchmark -t get: proxy RESP port vs redis-server, at -P 1 and -P 16
-#   (g) 10,000 idle keep-alive connections held open: others still served? proxy RSS?
+#   (f) proxy, hits, CACHE_MAX_BYTES set (large enough to hold every key): the byte bound's cost
+#   RESP: redis-benchmark -t get at -P 1 and -P 16 against the proxy (hits), the proxy
+#       (all-miss, CACHE_CAPACITY=0), twemproxy (nutcracker, one server entry: the same
+#       redis-server) and redis-server itself
+#   hot key at expiry: wrk -c 64 on 10 keys for BENCH_HOT_DURATION, CACHE_TTL_MS=1000,
+#       with and without CACHE_STALE_WHILE_REVALIDATE_MS: p99 and max latency side by side
+#   idle: 10,000 idle keep-alive connections held open: others still served? proxy RSS?
 #
-# (a)-(e) run with wrk --latency, a Lua script rotating over the hot key set, in
-# BENCH_ROUNDS alternating rounds (a b c d e a b c d e ...); the table shows the
+# (a)-(f) run with wrk --latency, a Lua script rotating over the hot key set, in
+# BENCH_ROUNDS alternating rounds (a b c d e f a b c d e f ...); the table shows the
 # mean over rounds (BENCH_AGG=best: the round with the most requests/s).
 # Every target also gets CPU microseconds per request of its server process (and
 # of redis-server) over the measured windows: utime+stime from /proc/PID/stat,
@@ -23,7 +28,8 @@
 #   BENCH_KEYS=1000      hot keys key:0..N-1    BENCH_VALUE_BYTES=100
 #   BENCH_RB_REQUESTS=200000  redis-benchmark requests at -P 1 (x10 at -P 16)
 #   BENCH_RB_CONNS=50    redis-benchmark clients
-#   BENCH_IDLE_CONNS=10000  idle connections in (g)   BENCH_IDLE_HOLD=20 seconds held at most
+#   BENCH_HOT_DURATION=10s  each run of the hot-key scenario
+#   BENCH_IDLE_CONNS=10000  idle connections   BENCH_IDLE_HOLD=20 seconds held at most
 #   BENCH_SKIP_BUILD=1   use the binaries already in target/release
 #   PROXY_WORKERS        passed to every proxy and to bare_http (default: number of CPUs)
 #   BENCH_KEEP=1         keep the temporary directory (logs, raw wrk output)
@@ -44,6 +50,7 @@ RB_N=${BENCH_RB_REQUESTS:-200000}
 RB_C=${BENCH_RB_CONNS:-50}
 IDLE_CONNS=${BENCH_IDLE_CONNS:-10000}
 IDLE_HOLD=${BENCH_IDLE_HOLD:-20}
+HOT_DURATION=${BENCH_HOT_DURATION:-10s}
 case "$AGG" in mean | best) ;; *)
   echo "bench: BENCH_AGG must be mean or best" >&2
   exit 2
@@ -81,8 +88,10 @@ trap 'exit 130' INT TERM
 ulimit -n 65536 2>/dev/null || ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 NOFILE=$(ulimit -n)
 
-"$root/scripts/deps.sh" wrk webdis
-for tool in wrk webdis redis-server redis-cli redis-benchmark python3 curl; do
+"$root/scripts/deps.sh" wrk webdis nutcracker
+# Debian installs nutcracker (twemproxy) in /usr/sbin.
+PATH="$PATH:/usr/sbin"
+for tool in wrk webdis nutcracker redis-server redis-cli redis-benchmark python3 curl; do
   command -v "$tool" >/dev/null 2>&1 || {
     say "$tool not found"
     exit 1
@@ -104,10 +113,11 @@ BARE="$root/target/release/examples/bare_http"
 }
 
 # Distinct free loopback ports, all reserved at once so they differ.
-read -r P_REDIS P_HIT P_HIT_RESP P_MISS P_TRACK P_BARE P_WEBDIS P_IDLE < <(python3 - <<'EOF'
+read -r P_REDIS P_HIT P_HIT_RESP P_MISS P_TRACK P_BARE P_WEBDIS P_IDLE P_MISS_RESP P_TWEM \
+  P_BYTES P_HOT P_SWR < <(python3 - <<'EOF'
 import socket
 socks = []
-for _ in range(8):
+for _ in range(13):
     s = socket.socket()
     s.bind(("127.0.0.1", 0))
     socks.append(s)
@@ -157,6 +167,8 @@ for i in range(n):
     key = b"key:%d" % i
     cmd(b"SET", key, (key + b"=").ljust(size, b"v")[:size])
 cmd(b"SET", b"key:__rand_int__", b"r" * size)
+for i in range(10):
+    cmd(b"SET", b"hot:%d" % i, b"h" * size)
 EOF
 "${RCLI[@]}" --pipe <"$tmp/seed.resp" >"$tmp/seed.log"
 seeded=$("${RCLI[@]}" dbsize)
@@ -173,9 +185,34 @@ start_proxy() { # name port [VAR=value...]
   wait_up "$name" "$pid" "$tmp/$name.log" curl -sf "http://127.0.0.1:$port/-/healthy"
   eval "PID_${name}=$pid"
 }
-start_proxy hit "$P_HIT" RESP_PORT="$P_HIT_RESP" CACHE_CAPACITY=1000000
-start_proxy miss "$P_MISS" CACHE_CAPACITY=0
-start_proxy track "$P_TRACK" CACHE_CAPACITY=1000000 CACHE_INVALIDATION=tracking
+# The hit targets keep their keys for the whole run (the default TTL of 60 s
+# would expire them between the warm-up and the last round).
+LONG_TTL=CACHE_TTL_MS=86400000
+start_proxy hit "$P_HIT" RESP_PORT="$P_HIT_RESP" CACHE_CAPACITY=1000000 "$LONG_TTL"
+start_proxy miss "$P_MISS" RESP_PORT="$P_MISS_RESP" CACHE_CAPACITY=0
+start_proxy track "$P_TRACK" CACHE_CAPACITY=1000000 CACHE_INVALIDATION=tracking "$LONG_TTL"
+# Room for every hot key several times over: the bound is on, nothing is evicted.
+BYTES_BOUND=$((NKEYS * (VBYTES + 64) * 4 + 1048576))
+start_proxy bytes "$P_BYTES" CACHE_CAPACITY=1000000 CACHE_MAX_BYTES="$BYTES_BOUND" "$LONG_TTL"
+start_proxy hot "$P_HOT" CACHE_TTL_MS=1000
+start_proxy swr "$P_SWR" CACHE_TTL_MS=1000 CACHE_STALE_WHILE_REVALIDATE_MS=5000
+
+# --- twemproxy: one pool, one server entry (the same redis-server), no ejection
+cat >"$tmp/nutcracker.yml" <<EOF
+bench:
+  listen: 127.0.0.1:$P_TWEM
+  redis: true
+  hash: fnv1a_64
+  distribution: ketama
+  auto_eject_hosts: false
+  timeout: 1000
+  servers:
+   - 127.0.0.1:$P_REDIS:1
+EOF
+nutcracker -c "$tmp/nutcracker.yml" -o "$tmp/twem-own.log" >"$tmp/twem.log" 2>&1 &
+PID_twem=$!
+pids+=("$PID_twem")
+wait_up nutcracker "$PID_twem" "$tmp/twem.log" sh -c "redis-cli -p $P_TWEM get key:0 | grep -q ."
 
 # --- the bare responder, answering with a hit's exact bytes for key:0
 "${RCLI[@]}" --raw get key:0 | head -c "$VBYTES" >"$tmp/value.bin"
@@ -283,11 +320,12 @@ URL[b]="http://127.0.0.1:$P_MISS"
 URL[c]="http://127.0.0.1:$P_WEBDIS"
 URL[d]="http://127.0.0.1:$P_BARE"
 URL[e]="http://127.0.0.1:$P_TRACK"
-for t in a b d e; do PREFIX[$t]="/" SUFFIX[$t]=""; done
+URL[f]="http://127.0.0.1:$P_BYTES"
+for t in a b d e f; do PREFIX[$t]="/" SUFFIX[$t]=""; done
 PREFIX[c]="/GET/"
 SUFFIX[c]=".txt"
-PORT[a]=$P_HIT PORT[b]=$P_MISS PORT[e]=$P_TRACK
-declare -A TPID=([a]=$PID_hit [b]=$PID_miss [c]=$PID_webdis [d]=$PID_bare [e]=$PID_track)
+PORT[a]=$P_HIT PORT[b]=$P_MISS PORT[e]=$P_TRACK PORT[f]=$P_BYTES
+declare -A TPID=([a]=$PID_hit [b]=$PID_miss [c]=$PID_webdis [d]=$PID_bare [e]=$PID_track [f]=$PID_bytes)
 alive() { kill -0 "$1" 2>/dev/null; }
 CLK_TCK=$(getconf CLK_TCK)
 cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
@@ -295,24 +333,25 @@ cpu_ticks() { awk '{ print $14 + $15 }' "/proc/$1/stat" 2>/dev/null || echo 0; }
 us_per_req() { awk -v t="$1" -v n="$2" -v hz="$CLK_TCK" 'BEGIN { if (n > 0) printf "%.2f", t * 1e6 / hz / n; else printf "n/a" }'; }
 # A measurement of a dead target is skipped (and reported) rather than timed out.
 DEAD="BENCH rps=0 p50_us=0 p99_us=0 requests=0 non2xx=0 sockerr=0 dead=1"
-declare -A NAME=([a]="proxy hits" [b]="proxy all-miss" [c]="webdis" [d]="bare may_minihttp" [e]="proxy hits, tracking")
+declare -A NAME=([a]="proxy hits" [b]="proxy all-miss" [c]="webdis" [d]="bare may_minihttp" [e]="proxy hits, tracking"
+  [f]="proxy hits, byte bound")
 
 # Warm-up: fills the two caching proxies with every hot key and warms every target.
 say "warm-up (1s each)"
-for t in a b c d e; do
+for t in a b c d e f; do
   alive "${TPID[$t]}" || continue
   run_wrk "$tmp/warm-$t.txt" "${URL[$t]}" "${PREFIX[$t]}" "${SUFFIX[$t]}" 1s "$CONNS" >/dev/null
 done
 
 declare -A SAMPLES HITS MISSES CPU RCPU REQS
-for t in a b c d e; do
+for t in a b c d e f; do
   CPU[$t]=0 RCPU[$t]=0 REQS[$t]=0
 done
-for t in a e; do
+for t in a e f; do
   HITS[$t]=0 MISSES[$t]=0
 done
 for r in $(seq 1 "$ROUNDS"); do
-  for t in a b c d e; do
+  for t in a b c d e f; do
     if ! alive "${TPID[$t]}"; then
       SAMPLES[$t]+="$DEAD"$'\n'
       say "round $r ${NAME[$t]}: not running any more, skipped"
@@ -356,17 +395,21 @@ agg() {
     }'
 }
 declare -A RPS P50 P99 LO HI NON ERR SKIP
-for t in a b c d e; do
+for t in a b c d e f; do
   read -r RPS[$t] P50[$t] P99[$t] LO[$t] HI[$t] NON[$t] ERR[$t] SKIP[$t] < <(agg "$t")
 done
 
-# ---------------------------------------------------------------- redis-benchmark
+# ---------------------------------------------------------------- redis-benchmark (RESP)
 LOAD_MID=$(cut -d' ' -f1-3 /proc/loadavg)
 "${RCLI[@]}" -p "$P_HIT_RESP" get key:__rand_int__ >/dev/null # warm the proxy's cache
 rb() { # port pipeline requests -> "rps p50_ms p99_ms"
   timeout 120 redis-benchmark -h 127.0.0.1 -p "$1" -t get -P "$2" -n "$3" -c "$RB_C" --csv 2>>"$tmp/rb.err" |
     awk -F, '/^"GET/ { gsub(/"/, ""); print $2, $5, $7; f = 1 } END { if (!f) print "0 0 0" }'
 }
+RB_SIDES="hit miss twem redis"
+declare -A RBPORT=([hit]=$P_HIT_RESP [miss]=$P_MISS_RESP [twem]=$P_TWEM [redis]=$P_REDIS)
+declare -A RBPID=([hit]=$PID_hit [miss]=$PID_miss [twem]=$PID_twem [redis]=$PID_redis)
+declare -A RBNAME=([hit]="proxy RESP, hits" [miss]="proxy RESP, all-miss" [twem]="twemproxy" [redis]="redis-server")
 rb_h0=$(metric "$P_HIT" cache_hits_total)
 rb_m0=$(metric "$P_HIT" cache_misses_total)
 declare -A RB RBCPU RBRCPU RBREQS
@@ -374,26 +417,27 @@ for p in 1 16; do
   n=$RB_N
   [ "$p" = 16 ] && n=$((RB_N * 10))
   for r in $(seq 1 "$ROUNDS"); do
-    for side in proxy redis; do
-      port=$P_HIT_RESP pid=$PID_hit
-      [ "$side" = redis ] && port=$P_REDIS pid=$PID_redis
+    for side in $RB_SIDES; do
+      port=${RBPORT[$side]} pid=${RBPID[$side]}
       if ! alive "$pid"; then
-        say "round $r redis-benchmark -P $p $side: not running any more, skipped"
+        say "round $r redis-benchmark -P $p ${RBNAME[$side]}: not running any more, skipped"
         continue
       fi
       c0=$(cpu_ticks "$pid") rc0=$(cpu_ticks "$PID_redis")
       read -r rps p50 p99 < <(rb "$port" "$p" "$n")
       c1=$(cpu_ticks "$pid") rc1=$(cpu_ticks "$PID_redis")
-      RBCPU[$side.$p]=$((${RBCPU[$side.$p]:-0} + c1 - c0))
-      RBRCPU[$side.$p]=$((${RBRCPU[$side.$p]:-0} + rc1 - rc0))
-      [ "$rps" != 0 ] && RBREQS[$side.$p]=$((${RBREQS[$side.$p]:-0} + n))
-      say "round $r redis-benchmark -P $p $side: rps=$rps p50=${p50}ms p99=${p99}ms"
+      if [ "$rps" != 0 ]; then
+        RBCPU[$side.$p]=$((${RBCPU[$side.$p]:-0} + c1 - c0))
+        RBRCPU[$side.$p]=$((${RBRCPU[$side.$p]:-0} + rc1 - rc0))
+        RBREQS[$side.$p]=$((${RBREQS[$side.$p]:-0} + n))
+      fi
+      say "round $r redis-benchmark -P $p ${RBNAME[$side]}: rps=$rps p50=${p50}ms p99=${p99}ms"
       RB[$side.$p]+="$rps $p50 $p99"$'\n'
     done
   done
 done
 rbagg() {
-  printf '%s' "${RB[$1]}" | awk -v agg="$AGG" '
+  printf '%s' "${RB[$1]:-}" | awk -v agg="$AGG" '
     NF == 3 && $1 > 0 { n++; s += $1; a += $2; b += $3; if ($1 > best) { best = $1; ba = $2; bb = $3 } }
     END {
       if (n == 0) { print "0 0 0"; exit }
@@ -403,6 +447,63 @@ rbagg() {
 }
 rb_hits=$(($(metric "$P_HIT" cache_hits_total) - rb_h0))
 rb_misses=$(($(metric "$P_HIT" cache_misses_total) - rb_m0))
+
+# ---------------------------------------------------------------- hot key at expiry
+# 64 clients on 10 keys with a 1 s TTL: every second each key expires under
+# load. Without stale-while-revalidate its clients wait for the refill; with
+# it they are answered the old value while one background GET refreshes it.
+cat >"$tmp/hot.lua" <<'EOF'
+local reqs = {}
+function init(args)
+  for k = 0, 9 do reqs[k + 1] = wrk.format("GET", "/hot:" .. k) end
+  math.randomseed(os.time() + (tonumber(tostring({}):sub(8), 16) or 0))
+end
+function request() return reqs[math.random(1, 10)] end
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH rps=%.1f p50_us=%d p99_us=%d max_us=%d requests=%d non2xx=%d sockerr=%d\n",
+    summary.requests / (summary.duration / 1e6), latency:percentile(50),
+    latency:percentile(99), latency.max, summary.requests, e.status,
+    e.connect + e.read + e.write + e.timeout))
+end
+EOF
+declare -A HOTURL=([hot]="http://127.0.0.1:$P_HOT" [swr]="http://127.0.0.1:$P_SWR")
+declare -A HOTPID=([hot]=$PID_hot [swr]=$PID_swr)
+declare -A HOTS HOTREFRESH HOTGETS
+for r in $(seq 1 "$ROUNDS"); do
+  for v in hot swr; do
+    if ! alive "${HOTPID[$v]}"; then
+      say "round $r hot key ($v): not running any more, skipped"
+      continue
+    fi
+    port=$P_HOT
+    [ "$v" = swr ] && port=$P_SWR
+    g0=$(metric "$port" redis_requests_total)
+    out="$tmp/wrk-hot-$v-$r.txt"
+    timeout $(($(dur_secs "$HOT_DURATION") + 30)) wrk -t "$THREADS" -c 64 -d "$HOT_DURATION" --latency \
+      -s "$tmp/hot.lua" "${HOTURL[$v]}" >"$out" 2>&1 || true
+    line=$(grep '^BENCH ' "$out" || echo "BENCH rps=0 p50_us=0 p99_us=0 max_us=0 requests=0 non2xx=0 sockerr=-1")
+    HOTGETS[$v]=$((${HOTGETS[$v]:-0} + $(metric "$port" redis_requests_total) - g0))
+    HOTS[$v]+="$line"$'\n'
+    say "round $r hot key ($v): ${line#BENCH }"
+  done
+done
+HOTREFRESH[swr]=$(metric "$P_SWR" cache_refreshes_total)
+# hotagg v -> "rps p50_ms p99_ms max_ms non2xx sockerr": means over rounds, max of the maxima
+hotagg() {
+  printf '%s' "${HOTS[$1]:-}" | awk '
+    /^BENCH/ {
+      for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+      n++; rps += v["rps"]; p50 += v["p50_us"]; p99 += v["p99_us"]
+      if (v["max_us"] > mx) mx = v["max_us"]
+      non += v["non2xx"]; err += v["sockerr"]
+    }
+    END {
+      if (n == 0) { print "0 0 0 0 0 0"; exit }
+      printf "%.0f %.3f %.3f %.3f %d %d\n", rps/n, p50/n/1000, p99/n/1000, mx/1000, non, err
+    }'
+}
 
 # ---------------------------------------------------------------- idle connections
 say "idle test: $IDLE_CONNS keep-alive connections (nofile limit $NOFILE)"
@@ -502,11 +603,11 @@ IDLE_ALIVE=$(kill -0 "$PID_idle" 2>/dev/null && echo yes || echo NO)
 
 # ---------------------------------------------------------------- health after the run
 problems=()
-for name in redis bare webdis; do
+for name in redis bare webdis twem; do
   pidvar="PID_$name"
   alive "${!pidvar}" || problems+=("$name is not running any more; log tail: $(tail -3 "$tmp/$name.log" | tr '\n' ' ')")
 done
-for name in hit miss track idle; do
+for name in hit miss track bytes hot swr idle; do
   pidvar="PID_$name"
   if ! alive "${!pidvar}"; then
     if grep -q 'shutting down' "$tmp/$name.log"; then
@@ -520,7 +621,7 @@ for name in hit miss track idle; do
     problems+=("proxy '$name' log: $(grep -E 'panick|ERROR|WARN' "$tmp/$name.log" | sed -E 's/^\[[^ ]+ //' | sort | uniq -c | sort -rn | head -3 | tr -s ' \n' ' ')")
   fi
 done
-for t in a b c d e; do
+for t in a b c d e f; do
   if [ "${SKIP[$t]}" != 0 ]; then
     problems+=("${NAME[$t]}: ${SKIP[$t]} of $ROUNDS rounds skipped (target not running); figures are over the rest")
   fi
@@ -530,6 +631,11 @@ for t in a b c d e; do
 done
 if [ "${MISSES[a]}" != 0 ]; then problems+=("proxy hits: ${MISSES[a]} cache misses during the measured runs (expected 0)"); fi
 if [ "${MISSES[e]}" != 0 ]; then problems+=("proxy hits, tracking: ${MISSES[e]} cache misses during the measured runs (tracking may bypass the cache)"); fi
+if [ "${MISSES[f]}" != 0 ]; then problems+=("proxy hits, byte bound: ${MISSES[f]} cache misses during the measured runs (the bound evicted?)"); fi
+for v in hot swr; do
+  read -r _ _ _ _ hnon herr < <(hotagg "$v")
+  if [ "${hnon:-0}" != 0 ] || [ "${herr:-0}" != 0 ]; then problems+=("hot key ($v): wrk saw $hnon non-2xx and $herr socket errors"); fi
+done
 read -r _ inon ierr < <(echo "$IDLE_WRK" | sed -E 's/.*requests=([0-9]+) non2xx=([0-9-]+) sockerr=([0-9-]+).*/\1 \2 \3/')
 if [ "${inon:-0}" != 0 ] || [ "${ierr:-0}" != 0 ]; then problems+=("idle test wrk: $inon non-2xx, $ierr socket errors"); fi
 
@@ -541,10 +647,6 @@ verdict() { # value op target
     ok = (op == ">=") ? (v + 0 >= t + 0) : (v + 0 <= t + 0)
     print ok ? "ok" : "MISS" }'
 }
-read -r rbp1 rbp1_50 rbp1_99 < <(rbagg proxy.1)
-read -r rbr1 rbr1_50 rbr1_99 < <(rbagg redis.1)
-read -r rbp16 rbp16_50 rbp16_99 < <(rbagg proxy.16)
-read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
 
 {
   echo
@@ -557,13 +659,14 @@ read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
   printf '%-24s %10s %19s %9s %9s %8s %7s %10s %10s\n' target "req/s" "(min..max)" "p50 ms" "p99 ms" non2xx sockerr \
     "cpu us/req" "redis us/r"
   declare -A USR RUSR
-  for t in a b c d e; do
+  for t in a b c d e f; do
     USR[$t]=$(us_per_req "${CPU[$t]}" "${REQS[$t]}")
     RUSR[$t]=$(us_per_req "${RCPU[$t]}" "${REQS[$t]}")
     printf '%-24s %10s %19s %9s %9s %8s %7s %10s %10s\n' "(${t}) ${NAME[$t]}" "${RPS[$t]}" "(${LO[$t]}..${HI[$t]})" \
       "${P50[$t]}" "${P99[$t]}" "${NON[$t]}" "${ERR[$t]}" "${USR[$t]}" "${RUSR[$t]}"
   done
-  echo "   cache during measured runs: hits ${HITS[a]} misses ${MISSES[a]} (a); hits ${HITS[e]} misses ${MISSES[e]} (e)"
+  echo "   cache during measured runs: hits ${HITS[a]} misses ${MISSES[a]} (a); hits ${HITS[e]} misses ${MISSES[e]} (e);" \
+    "hits ${HITS[f]} misses ${MISSES[f]} (f, CACHE_MAX_BYTES=$BYTES_BOUND)"
   echo
   r1=$(ratio "${RPS[a]}" "${RPS[c]}")
   r2=$(ratio "${RPS[a]}" "${RPS[d]}")
@@ -576,6 +679,8 @@ read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
   printf '%-40s %7s  %-8s %s\n' "all-miss / webdis (req/s)" "$r3" ">= 1.2" "$(verdict "$r3" '>=' 1.2)"
   printf '%-40s %7s  %-8s %s\n' "p99 hits / p99 webdis at $CONNS conns" "$r4" "<= 1.0" "$(verdict "$r4" '<=' 1.0)"
   printf '%-40s %7s  %-8s %s\n' "tracking / off, hits (req/s)" "$r5" ">= 0.97" "$(verdict "$r5" '>=' 0.97)"
+  r8=$(ratio "${RPS[f]}" "${RPS[a]}")
+  printf '%-40s %7s  %-8s %s\n' "byte bound on / off, hits (req/s)" "$r8" ">= 0.97" "$(verdict "$r8" '>=' 0.97)"
   r6=$(ratio "${USR[b]}" "${USR[a]}")
   r7=$(ratio "${USR[a]}" "${USR[d]}")
   printf '%-40s %7s  %-8s %s\n' "all-miss / hits (cpu us/req)" "$r6" "<= 1.6" "$(verdict "$r6" '<=' 1.6)"
@@ -584,15 +689,43 @@ read -r rbr16 rbr16_50 rbr16_99 < <(rbagg redis.16)
   rbu() { us_per_req "${RBCPU[$1]:-0}" "${RBREQS[$1]:-0}"; }
   rbru() { us_per_req "${RBRCPU[$1]:-0}" "${RBREQS[$1]:-0}"; }
   printf '%-36s %10s %9s %9s %10s %10s\n' "redis-benchmark -t get -c $RB_C" "req/s" "p50 ms" "p99 ms" "cpu us/req" "redis us/r"
-  printf '%-36s %10s %9s %9s %10s %10s\n' "proxy RESP, -P 1 (-n $RB_N)" "$rbp1" "$rbp1_50" "$rbp1_99" "$(rbu proxy.1)" "$(rbru proxy.1)"
-  printf '%-36s %10s %9s %9s %10s %10s\n' "redis-server, -P 1" "$rbr1" "$rbr1_50" "$rbr1_99" "$(rbu redis.1)" "$(rbru redis.1)"
-  printf '%-36s %10s %9s %9s %10s %10s\n' "proxy RESP, -P 16 (-n $((RB_N * 10)))" "$rbp16" "$rbp16_50" "$rbp16_99" "$(rbu proxy.16)" "$(rbru proxy.16)"
-  printf '%-36s %10s %9s %9s %10s %10s\n' "redis-server, -P 16" "$rbr16" "$rbr16_50" "$rbr16_99" "$(rbu redis.16)" "$(rbru redis.16)"
-  q1=$(ratio "$rbp1" "$rbr1")
-  q16=$(ratio "$rbp16" "$rbr16")
-  printf '%-40s %7s  %-8s %s\n' "proxy / redis, -P 1" "$q1" ">= 1.0" "$(verdict "$q1" '>=' 1.0)"
-  printf '%-40s %7s  %-8s %s\n' "proxy / redis, -P 16" "$q16" ">= 0.8" "$(verdict "$q16" '>=' 0.8)"
+  declare -A RBR RBU
+  for p in 1 16; do
+    n=$RB_N
+    [ "$p" = 16 ] && n=$((RB_N * 10))
+    for side in $RB_SIDES; do
+      read -r rps p50 p99 < <(rbagg "$side.$p")
+      RBR[$side.$p]=$rps RBU[$side.$p]=$(rbu "$side.$p")
+      printf '%-36s %10s %9s %9s %10s %10s\n' "${RBNAME[$side]}, -P $p (-n $n)" "$rps" "$p50" "$p99" \
+        "${RBU[$side.$p]}" "$(rbru "$side.$p")"
+    done
+  done
+  echo "   cpu us/req: the server process named (for redis-server, itself); redis us/r: redis-server's share"
+  for p in 1 16; do
+    q=$(ratio "${RBR[miss.$p]}" "${RBR[twem.$p]}")
+    printf '%-40s %7s  %-8s %s\n' "all-miss / twemproxy, -P $p (req/s)" "$q" ">= 1.3" "$(verdict "$q" '>=' 1.3)"
+  done
+  q=$(ratio "${RBU[hit.16]}" "${RBU[redis.16]}")
+  printf '%-40s %7s  %-8s %s\n' "hits / redis-server, -P 16 (cpu us/req)" "$q" "<= 1.0" "$(verdict "$q" '<=' 1.0)"
+  q=$(ratio "${RBU[hit.1]}" "${RBU[redis.1]}")
+  printf '%-40s %7s  %-8s %s\n' "hits / redis-server, -P 1 (cpu us/req)" "$q" "-" "reported"
+  q1=$(ratio "${RBR[hit.1]}" "${RBR[redis.1]}")
+  q16=$(ratio "${RBR[hit.16]}" "${RBR[redis.16]}")
+  printf '%-40s %7s  %-8s %s\n' "hits / redis-server, -P 1 (req/s)" "$q1" ">= 1.0" "$(verdict "$q1" '>=' 1.0)"
+  printf '%-40s %7s  %-8s %s\n' "hits / redis-server, -P 16 (req/s)" "$q16" ">= 0.8" "$(verdict "$q16" '>=' 0.8)"
   echo "   proxy cache during redis-benchmark: hits $rb_hits misses $rb_misses"
+  echo
+  echo "hot key at expiry: wrk -t$THREADS -c64 -d$HOT_DURATION, 10 keys, CACHE_TTL_MS=1000, $ROUNDS rounds (means; max of maxima)"
+  printf '%-36s %10s %9s %9s %9s %10s\n' variant "req/s" "p50 ms" "p99 ms" "max ms" "redis GETs"
+  read -r hr h50 h99 hmx _ _ < <(hotagg hot)
+  read -r sr s50 s99 smx _ _ < <(hotagg swr)
+  printf '%-36s %10s %9s %9s %9s %10s\n' "no stale serving" "$hr" "$h50" "$h99" "$hmx" "${HOTGETS[hot]:-0}"
+  printf '%-36s %10s %9s %9s %9s %10s\n' "STALE_WHILE_REVALIDATE_MS=5000" "$sr" "$s50" "$s99" "$smx" "${HOTGETS[swr]:-0}"
+  echo "   background refreshes (swr): ${HOTREFRESH[swr]:-0}"
+  q=$(ratio "$s99" "$h99")
+  printf '%-40s %7s  %-8s %s\n' "p99 with / without stale serving" "$q" "-" "reported"
+  q=$(ratio "$smx" "$hmx")
+  printf '%-40s %7s  %-8s %s\n' "max with / without stale serving" "$q" "-" "reported"
   echo
   echo "idle connections (PROXY_MAX_CLIENTS=20000, nofile $NOFILE):"
   echo "   client: $IDLE_READY"

@@ -4,10 +4,11 @@
 //! inserting what Redis returned, writes (which drop the written keys), the
 //! hit/miss counters, and the answers to "ready?" and "what are the
 //! figures?". Front ends speak to it in its own terms ([`Proxy::get`],
-//! [`Proxy::get_many`], [`Proxy::set`], [`Proxy::del`], [`Proxy::pass`],
-//! [`Proxy::write`], [`Proxy::transaction`], [`Proxy::ready`],
-//! [`Proxy::snapshot`]) and never see `redis::Value`s: a pass-through's
-//! reply is the bytes Redis sent, relayed as they are. Whether a
+//! [`Proxy::get_many`], [`Proxy::get_batch`] for the GETs of a pipeline,
+//! [`Proxy::set`], [`Proxy::del`], [`Proxy::pass`], [`Proxy::write`],
+//! [`Proxy::transaction`], [`Proxy::ready`], [`Proxy::snapshot`]) and never
+//! see `redis::Value`s: a pass-through's reply is the bytes Redis sent,
+//! relayed as they are. Whether a
 //! fetched value may stay cached is [`crate::coherence`]'s call; Redis is
 //! reached through the [`Redis`] trait, so the races are unit-tested here
 //! against a fake.
@@ -33,9 +34,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::backend::{Backend, BackendError, CommandTable, Pass, Protocol, Redis, SetReply};
+use crate::backend::{
+    Backend, BackendError, CommandTable, GetResult, Pass, Protocol, Redis, SetReply,
+};
 use crate::cache::{Cache, Value, MAX_VALUE_BYTES};
-use crate::coherence::{Coherence, Join, Lead};
+use crate::coherence::{Coherence, Flight, Join, Lead};
 use crate::metrics::{Metrics, Snapshot};
 
 /// What a write changes, for the cache's sake.
@@ -289,6 +292,115 @@ impl<B: Redis + 'static> Proxy<B> {
         Ok(out)
     }
 
+    /// Reads each key as [`Proxy::get`] would, as one batch: hits from the
+    /// cache, and the misses that lead their flight (or bypass the cache)
+    /// fetched together in one [`Redis::get_many`] round trip, in order.
+    /// A miss on a key another request is fetching waits for that fetch,
+    /// but only after this batch's own fetch has landed, so two batches
+    /// that each lead a key the other waits for cannot deadlock (and a key
+    /// named twice in one batch waits for itself, already landed).
+    ///
+    /// Freshness is `get`'s: each leader's flight mark is in the table before
+    /// the batch is sent and `Lead::fill` checks it after the insert. A key
+    /// holding another type is an error reply of its own; a failed round
+    /// trip fails every key it carried (then stale-if-error applies per key).
+    pub fn get_batch(&self, keys: &[&[u8]], hint: usize) -> Vec<Result<Lookup, BackendError>> {
+        // As in `get`: read before deciding the cache is usable.
+        let generation = self.coherence.generation();
+        let usable = self.coherence.usable();
+        let cached = usable && self.cache.capacity() > 0;
+        let mut out: Vec<Option<Result<Lookup, BackendError>>> = Vec::with_capacity(keys.len());
+        // Keys this batch fetches: with their lead, or `None` for an
+        // uncached read (no flight).
+        let mut fetched: Vec<usize> = Vec::new();
+        let mut leads: Vec<Option<Lead<FlightResult>>> = Vec::new();
+        let mut followed: Vec<(usize, Arc<Flight<FlightResult>>)> = Vec::new();
+        for (i, &key) in keys.iter().enumerate() {
+            if usable {
+                if let Some(lookup) = self.cached(key, generation, hint) {
+                    out.push(Some(Ok(lookup)));
+                    continue;
+                }
+            }
+            self.metrics.misses.inc();
+            out.push(None);
+            if !cached {
+                fetched.push(i);
+                leads.push(None);
+                continue;
+            }
+            match self.coherence.join(key, generation) {
+                Join::Leader(lead) => match self.cache.get(key) {
+                    // Filled by an earlier leader since our miss.
+                    Some(value) => {
+                        lead.land(Ok(Some(value.clone())));
+                        out[i] = Some(Ok(answer(Some(value), Source::Miss)));
+                    }
+                    None => {
+                        fetched.push(i);
+                        leads.push(Some(lead));
+                    }
+                },
+                Join::Follower(flight) => {
+                    self.metrics.coalesced.inc();
+                    followed.push((i, flight));
+                }
+            }
+        }
+        if !fetched.is_empty() {
+            let fetch_keys: Vec<&[u8]> = fetched.iter().map(|&i| keys[i]).collect();
+            let replies = match self.backend.get_many(&fetch_keys, hint) {
+                Ok(replies) if replies.len() == fetched.len() => replies,
+                Ok(_) => vec![Err(BackendError::Unavailable("short reply".into())); fetched.len()],
+                Err(e) => vec![Err(e); fetched.len()],
+            };
+            for ((&i, lead), reply) in fetched.iter().zip(leads).zip(replies) {
+                let result = match lead {
+                    Some(lead) => {
+                        let result = fill(&self.cache, &lead, reply);
+                        lead.land(result.clone());
+                        result
+                    }
+                    None => reply.and_then(|v| v.map(|v| uncached(keys[i], &v)).transpose()),
+                };
+                out[i] = Some(result.map(|value| answer(value, Source::Miss)));
+            }
+        }
+        for (i, flight) in followed {
+            let result = flight
+                .wait()
+                .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
+            out[i] = Some(result.map(|value| answer(value, Source::Collapsed)));
+        }
+        keys.iter()
+            .zip(out)
+            .map(|(key, result)| match result.expect("every key answered") {
+                Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
+                    self.stale_if_error(key, e)
+                }
+                other => other,
+            })
+            .collect()
+    }
+
+    /// `get`'s cache step: a hit (counted), a stale hit that starts its
+    /// refresh, or `None` for a miss (not counted).
+    fn cached(&self, key: &[u8], generation: u64, hint: usize) -> Option<Lookup> {
+        if self.stale.revalidate.is_zero() {
+            let value = self.cache.get(key)?;
+            self.metrics.hits.inc();
+            return Some(hit(value, Source::Hit));
+        }
+        let (value, stale) = self.cache.get_stale(key, self.stale.revalidate)?;
+        self.metrics.hits.inc();
+        if !stale {
+            return Some(hit(value, Source::Hit));
+        }
+        self.metrics.stale_revalidate.inc();
+        self.refresh(key, generation, hint);
+        Some(hit(value, Source::StaleHit))
+    }
+
     /// `SET key value [options...]` in Redis, then drops `key` from the
     /// cache. The written value is not cached: Redis does not track keys a
     /// client writes, so a cached copy would never be invalidated.
@@ -416,8 +528,12 @@ fn fetch<B: Redis + ?Sized>(
     lead: &Lead<FlightResult>,
     hint: usize,
 ) -> FlightResult {
-    let result = backend.get(lead.key(), hint);
-    match result {
+    fill(cache, lead, backend.get(lead.key(), hint))
+}
+
+/// What one GET of the flight `lead` holds answered, filled into the cache.
+fn fill(cache: &Cache, lead: &Lead<FlightResult>, reply: GetResult) -> FlightResult {
+    match reply {
         Ok(Some(bytes)) => {
             fits(bytes.len())?;
             Ok(Some(lead.fill(&bytes)))
@@ -495,6 +611,10 @@ mod tests {
         failing: Mutex<Option<BackendError>>,
         /// GETs received.
         gets: AtomicUsize,
+        /// `get_many` round trips received.
+        batches: AtomicUsize,
+        /// Keys that hold another type: their GET is a WRONGTYPE reply.
+        wrong_type: Mutex<Vec<Vec<u8>>>,
         stats: BackendStats,
     }
 
@@ -532,9 +652,19 @@ mod tests {
             Ok(read)
         }
         fn get_many(&self, keys: &[&[u8]], _hint: usize) -> Result<Vec<GetResult>, BackendError> {
+            self.batches.fetch_add(1, AtomicOrdering::SeqCst);
+            if let Some(e) = self.failing.lock().unwrap().clone() {
+                return Err(e);
+            }
             let read: Vec<GetResult> = {
                 let store = self.store.lock().unwrap();
-                keys.iter().map(|k| Ok(store.get(*k).cloned())).collect()
+                let wrong = self.wrong_type.lock().unwrap();
+                keys.iter()
+                    .map(|k| match wrong.iter().any(|w| w == k) {
+                        true => Err(BackendError::Reply("WRONGTYPE".into())),
+                        false => Ok(store.get(*k).cloned()),
+                    })
+                    .collect()
             };
             self.reply_travels();
             Ok(read)
@@ -980,5 +1110,195 @@ mod tests {
         landed.recv_timeout(Duration::from_secs(5)).unwrap();
         eventually(|| proxy.coherence.join(b"k", 0).is_leader());
         assert_eq!(read(&proxy, b"k"), (Some(b"v3".to_vec()), Source::Miss));
+    }
+
+    /// One key's answer in a batch: its value and source, or the error.
+    type Answered = Result<(Option<Vec<u8>>, Source), BackendError>;
+
+    /// What each key of a batch answered.
+    fn batch(proxy: &Proxy<Arc<FakeRedis>>, keys: &[&[u8]]) -> Vec<Answered> {
+        proxy
+            .get_batch(keys, 0)
+            .into_iter()
+            .map(|r| r.map(|l| (l.value.map(|v| v.as_ref().to_vec()), l.source)))
+            .collect()
+    }
+
+    fn found(v: &[u8], source: Source) -> Answered {
+        Ok((Some(v.to_vec()), source))
+    }
+
+    /// Hits come from the cache, every miss of the batch from one round
+    /// trip, answered in order and cached like a GET's.
+    #[test]
+    fn batch_fetches_its_misses_in_one_round_trip() {
+        let (proxy, redis, _) = tracked();
+        for k in [&b"a"[..], b"b", b"c"] {
+            redis.put(k, k);
+        }
+        read(&proxy, b"b");
+        let got = batch(&proxy, &[b"a", b"b", b"absent", b"c"]);
+        assert_eq!(
+            got,
+            vec![
+                found(b"a", Source::Miss),
+                found(b"b", Source::Hit),
+                Ok((None, Source::Miss)),
+                found(b"c", Source::Miss),
+            ]
+        );
+        assert_eq!(redis.batches.load(AtomicOrdering::SeqCst), 1);
+        assert_eq!(
+            redis.gets.load(AtomicOrdering::SeqCst),
+            1,
+            "only the first read"
+        );
+        assert_eq!(read(&proxy, b"a").1, Source::Hit);
+        assert_eq!(read(&proxy, b"c").1, Source::Hit);
+        assert_eq!(proxy.metrics.misses.get(), 4);
+        assert_eq!(proxy.metrics.hits.get(), 3);
+    }
+
+    /// A key that holds another type is an error of its own in the middle
+    /// of a batch; the keys around it are answered.
+    #[test]
+    fn batch_wrong_type_fails_only_its_key() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"a", b"1");
+        redis.put(b"c", b"3");
+        redis.wrong_type.lock().unwrap().push(b"w".to_vec());
+        let got = batch(&proxy, &[b"a", b"w", b"c"]);
+        assert_eq!(got[0], found(b"1", Source::Miss));
+        assert_eq!(got[1], Err(BackendError::Reply("WRONGTYPE".into())));
+        assert_eq!(got[2], found(b"3", Source::Miss));
+    }
+
+    /// An invalidation of one key while the batch is in flight: that key's
+    /// value answers but is not kept; the others are (guard: each key's
+    /// flight mark, as for a GET).
+    #[test]
+    fn invalidation_during_a_batch_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"a", b"old");
+        redis.put(b"b", b"b");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().insert(b"a".to_vec(), b"new".to_vec());
+            coherence.invalidate(b"a");
+        });
+        let got = batch(&proxy, &[b"a", b"b"]);
+        assert_eq!(got[0], found(b"old", Source::Miss));
+        assert_eq!(read(&proxy, b"a"), (Some(b"new".to_vec()), Source::Miss));
+        assert_eq!(read(&proxy, b"b").1, Source::Hit);
+    }
+
+    /// A flush while the batch is in flight: nothing it fetched is kept.
+    #[test]
+    fn flush_during_a_batch_is_not_cached() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"a", b"old-a");
+        redis.put(b"b", b"old-b");
+        redis.during_next_get(move |store| {
+            store.lock().unwrap().clear();
+            coherence.flush();
+        });
+        let got = batch(&proxy, &[b"a", b"b"]);
+        assert_eq!(got[1], found(b"old-b", Source::Miss));
+        assert_eq!(read(&proxy, b"a"), (None, Source::Miss));
+        assert_eq!(read(&proxy, b"b"), (None, Source::Miss));
+    }
+
+    /// A key named twice in one batch is fetched once: the second waits
+    /// for the first, which has landed by then (no deadlock).
+    #[test]
+    fn batch_key_named_twice_is_fetched_once() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"k", b"v");
+        let got = batch(&proxy, &[b"k", b"k"]);
+        assert_eq!(
+            got,
+            vec![found(b"v", Source::Miss), found(b"v", Source::Collapsed)]
+        );
+        assert_eq!(redis.batches.load(AtomicOrdering::SeqCst), 1);
+    }
+
+    /// A key another request is fetching is not fetched again: the batch
+    /// waits for that GET (single-flight, as `get`).
+    #[test]
+    fn batch_waits_for_a_fetch_in_flight() {
+        let (proxy, redis, _) = tracked();
+        redis.put(b"k", b"v");
+        redis.put(b"x", b"x");
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        let held = Mutex::new(held);
+        redis.during_next_get(move |_| {
+            held.lock().unwrap().recv().ok();
+        });
+        let first = {
+            let proxy = proxy.clone();
+            std::thread::spawn(move || read(&proxy, b"k"))
+        };
+        eventually(|| proxy.coherence.in_flight(b"k"));
+        let second = {
+            let proxy = proxy.clone();
+            std::thread::spawn(move || batch(&proxy, &[b"x", b"k"]))
+        };
+        eventually(|| proxy.metrics.coalesced.get() == 1);
+        release.send(()).unwrap();
+        assert_eq!(first.join().unwrap(), (Some(b"v".to_vec()), Source::Miss));
+        let got = second.join().unwrap();
+        assert_eq!(
+            got,
+            vec![found(b"x", Source::Miss), found(b"v", Source::Collapsed)]
+        );
+        assert_eq!(redis.gets.load(AtomicOrdering::SeqCst), 1);
+    }
+
+    /// A failed round trip fails every key it carried, except those
+    /// stale-if-error may answer.
+    #[test]
+    fn batch_failure_fails_its_keys_and_answers_stale_if_error() {
+        let (proxy, redis, _, clock) = stale_core(if_error(50), false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        clock.advance(Duration::from_millis(120));
+        fail(&redis, Some(BackendError::Timeout));
+        let got = batch(&proxy, &[b"k", b"never"]);
+        assert_eq!(
+            got,
+            vec![found(b"old", Source::StaleHit), Err(BackendError::Timeout)]
+        );
+        assert_eq!(proxy.metrics.stale_error.get(), 1);
+        // Nothing stays in flight after a failed batch.
+        assert!(!proxy.coherence.in_flight(b"never"));
+    }
+
+    /// With the listener down a batch neither reads nor fills the cache;
+    /// a stale hit within the revalidate window starts one refresh.
+    #[test]
+    fn batch_follows_gets_cache_rules() {
+        let (proxy, redis, coherence) = tracked();
+        redis.put(b"k", b"v");
+        read(&proxy, b"k");
+        coherence.listener_down();
+        assert_eq!(batch(&proxy, &[b"k"]), vec![found(b"v", Source::Miss)]);
+        coherence.listener_up(2);
+        assert_eq!(batch(&proxy, &[b"k"]), vec![found(b"v", Source::Miss)]);
+        assert_eq!(batch(&proxy, &[b"k"]), vec![found(b"v", Source::Hit)]);
+
+        let stale = Stale {
+            revalidate: Duration::from_millis(1000),
+            ..Stale::default()
+        };
+        let (proxy, redis, _, clock) = stale_core(stale, false);
+        redis.put(b"k", b"old");
+        read(&proxy, b"k");
+        redis.put(b"k", b"new");
+        clock.advance(Duration::from_millis(101));
+        assert_eq!(
+            batch(&proxy, &[b"k"]),
+            vec![found(b"old", Source::StaleHit)]
+        );
+        eventually(|| read(&proxy, b"k") == (Some(b"new".to_vec()), Source::Hit));
+        assert_eq!(proxy.metrics.refreshes.get(), 1);
     }
 }

@@ -8,9 +8,14 @@
 //! the core learned from Redis), `MULTI` queueing, and `COMMAND`.
 //! Reads, pass-through and writes go through the shared core (`proxy`);
 //! client admission and idle reaping go through `clients`, shared with HTTP.
+//! The connection loop parses every complete command it has read before
+//! answering any, so a pipelined run of GETs and MGETs reads its keys in one
+//! batch ([`prefetch`]): its misses cost one Redis round trip, not one each.
 
+use std::collections::VecDeque;
 use std::io::{self, Read, Write};
 use std::net::SocketAddr;
+use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -22,7 +27,7 @@ use crate::backend::{BackendError, Protocol};
 use crate::clients::{Clients, Permit};
 use crate::listener;
 use crate::metrics::{Frontend, Metrics, Status, Tally};
-use crate::proxy::Proxy;
+use crate::proxy::{Lookup, Proxy};
 
 mod commands;
 mod parse;
@@ -40,6 +45,8 @@ const READ_CHUNK: usize = 16 * 1024;
 /// would otherwise hold the worker to itself.
 const YIELD_BYTES: usize = 64 * 1024;
 const YIELD_COMMANDS: u32 = 1024;
+/// At most this many complete commands are parsed ahead of their answers.
+const PARSE_AHEAD: usize = 1024;
 /// How long such a pause lasts; see [`let_others_run`].
 const YIELD_PAUSE: Duration = Duration::from_micros(100);
 /// Version reported by HELLO and INFO.
@@ -198,6 +205,89 @@ struct Session {
     multi: Option<commands::Multi>,
     /// Scratch space for a command re-packed for Redis.
     packed: Vec<u8>,
+    /// Answers fetched ahead for the GETs and MGETs of a pipelined run.
+    prefetched: Prefetched,
+}
+
+impl Session {
+    /// Whether the reads of a pipelined run may be fetched ahead of the
+    /// commands before them. MULTI hook: false while a MULTI is queuing
+    /// (its commands must reach Redis in the EXEC block, not before).
+    fn may_prefetch(&self) -> bool {
+        self.multi.is_none()
+    }
+}
+
+/// Answers that [`prefetch`] fetched for the keys of the GET and MGET
+/// commands of a run, in order, each with the address of its key in the
+/// read buffer: a handler takes the answer only if it is for the very
+/// argument it serves, so a run that went another way (a command refused
+/// before its handler ran) cannot answer a command with another's value.
+#[derive(Default)]
+struct Prefetched {
+    answers: VecDeque<(usize, Result<Lookup, BackendError>)>,
+}
+
+impl Prefetched {
+    fn is_empty(&self) -> bool {
+        self.answers.is_empty()
+    }
+
+    fn clear(&mut self) {
+        self.answers.clear();
+    }
+
+    /// The answers for `keys` (the arguments of the command being run), if
+    /// they are the next ones; otherwise none, and every answer is dropped.
+    fn take(&mut self, keys: &[&[u8]]) -> Option<Vec<Result<Lookup, BackendError>>> {
+        let next_are_ours = keys.len() <= self.answers.len()
+            && keys
+                .iter()
+                .zip(&self.answers)
+                .all(|(key, (at, _))| key.as_ptr() as usize == *at);
+        if !next_are_ours {
+            self.answers.clear();
+            return None;
+        }
+        Some(self.answers.drain(..keys.len()).map(|(_, r)| r).collect())
+    }
+}
+
+/// The prefetch stage. When `run` (the commands not yet answered, the
+/// next first) starts with two or more GET or MGET commands in a row,
+/// reads all their keys with one [`Proxy::get_batch`]: its misses go to
+/// Redis in one round trip instead of one per command. The run stops at
+/// any other command, so no read is moved before a command ahead of it
+/// in the pipeline (a write, a pass-through, a MULTI).
+fn prefetch(
+    buf: &[u8],
+    spans: &[Range<usize>],
+    run: &[Range<usize>],
+    shared: &RespShared,
+    fd: usize,
+    session: &mut Session,
+) {
+    let reads = run.iter().map(|c| &spans[c.clone()]).take_while(|args| {
+        let name = &buf[args[0].clone()];
+        (name.eq_ignore_ascii_case(b"get") && args.len() == 2)
+            || (name.eq_ignore_ascii_case(b"mget") && args.len() >= 2)
+    });
+    let mut keys: Vec<&[u8]> = Vec::new();
+    let mut count = 0;
+    for args in reads {
+        keys.extend(args[1..].iter().map(|r| &buf[r.clone()]));
+        count += 1;
+    }
+    if count < 2 {
+        // One read is one round trip anyway: its handler asks the core.
+        return;
+    }
+    let answers = shared.proxy.get_batch(&keys, fd);
+    session.prefetched.answers = keys
+        .iter()
+        .map(|k| k.as_ptr() as usize)
+        .zip(answers)
+        .collect();
 }
 
 /// Lets the other coroutines of this worker run, those waiting for their
@@ -234,45 +324,78 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
     let mut tally = Tally::default();
     let metrics = shared.metrics.clone();
     let mut batch_start = Instant::now();
+    // The complete commands read and not yet answered: each a range of
+    // `spans`, which holds argument ranges of `rbuf`. Kept allocated.
+    let mut commands: Vec<Range<usize>> = Vec::new();
+    let mut spans: Vec<Range<usize>> = Vec::new();
     loop {
-        // Answer every complete command in the buffer, then write once.
-        let mut argv: Vec<&[u8]> = Vec::new();
-        while next == Next::Continue && filled - start >= need {
-            match parser.parse(&rbuf[start..filled], shared.max_request) {
-                Ok(Parsed::Complete { consumed }) => {
-                    let base = start;
-                    start += consumed;
-                    need = 1;
-                    let args = parser.args();
-                    if args.is_empty() {
-                        continue;
+        // Parse every complete command in the buffer (up to PARSE_AHEAD at a
+        // time), answer them in order, then write once. Parsing ahead lets
+        // the GETs of a pipeline go to Redis in one round trip (`prefetch`).
+        loop {
+            commands.clear();
+            spans.clear();
+            let mut failed = None;
+            while next == Next::Continue && filled - start >= need && commands.len() < PARSE_AHEAD {
+                match parser.parse(&rbuf[start..filled], shared.max_request) {
+                    Ok(Parsed::Complete { consumed }) => {
+                        let base = start;
+                        start += consumed;
+                        need = 1;
+                        let args = parser.args();
+                        if args.is_empty() {
+                            continue;
+                        }
+                        let from = spans.len();
+                        spans.extend(args.iter().map(|r| base + r.start..base + r.end));
+                        commands.push(from..spans.len());
                     }
-                    let in_flight = permit.begin(batch_start);
-                    let command = (&rbuf[base..filled], args);
-                    next = execute(
-                        command,
-                        &mut argv,
-                        shared,
-                        fd,
-                        &mut session,
-                        &mut wbuf,
-                        &mut tally,
-                    );
-                    drop(in_flight);
-                    unyielded_commands += 1;
-                    if unyielded_commands >= YIELD_COMMANDS {
-                        unyielded_commands = 0;
-                        let_others_run();
+                    Ok(Parsed::Incomplete { need: n }) => {
+                        need = n;
+                        break;
+                    }
+                    Err(ProtocolError(msg)) => {
+                        failed = Some(msg);
+                        break;
                     }
                 }
-                Ok(Parsed::Incomplete { need: n }) => {
-                    need = n;
+            }
+            let mut argv: Vec<&[u8]> = Vec::new();
+            for (i, command) in commands.iter().enumerate() {
+                if next != Next::Continue {
                     break;
                 }
-                Err(ProtocolError(msg)) => {
-                    Out(&mut wbuf, Protocol::Resp2).error(&format!("ERR Protocol error: {msg}"));
+                let in_flight = permit.begin(batch_start);
+                if session.prefetched.is_empty() && session.may_prefetch() {
+                    prefetch(&rbuf, &spans, &commands[i..], shared, fd, &mut session);
+                }
+                let command = (&rbuf[..filled], &spans[command.clone()]);
+                next = execute(
+                    command,
+                    &mut argv,
+                    shared,
+                    fd,
+                    &mut session,
+                    &mut wbuf,
+                    &mut tally,
+                );
+                drop(in_flight);
+                unyielded_commands += 1;
+                if unyielded_commands >= YIELD_COMMANDS {
+                    unyielded_commands = 0;
+                    let_others_run();
+                }
+            }
+            // Answers of commands that did not run (after a QUIT) go.
+            session.prefetched.clear();
+            if let Some(msg) = failed {
+                if next == Next::Continue {
+                    Out(&mut wbuf, session.protocol).error(&format!("ERR Protocol error: {msg}"));
                     next = Next::Close;
                 }
+            }
+            if commands.len() < PARSE_AHEAD || next != Next::Continue {
+                break;
             }
         }
         if !wbuf.is_empty() {

@@ -5,7 +5,10 @@
 //! again. So pipelined requests cost one read and one write per batch, and
 //! everything due is written before the connection closes, whatever ends
 //! it (a half-close, a malformed request behind valid ones, a refused
-//! body). Cached values of more than [`COPY_MAX`] bytes are written from
+//! body). The key reads at the front of the buffer (two or more GET/HEAD
+//! requests in a row) are looked up together first ([`prefetch`]), so
+//! their misses share one Redis round trip. Cached values of more than
+//! [`COPY_MAX`] bytes are written from
 //! the cache entry itself, never copied; smaller ones are copied once, into
 //! the output buffer.
 //!
@@ -17,6 +20,7 @@
 //! what the connection holds is reported to [`Permit::hold`] (the bound on
 //! all clients' buffers together).
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice, Read, Write};
 use std::net::Shutdown;
 use std::os::fd::AsRawFd;
@@ -26,11 +30,13 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use may::net::TcpStream;
 
 use super::parse::{self, BodyLength, HeadError, Method};
-use super::{status_line, Body, HttpShared, Reply, BUSY_RESPONSE};
+use super::{parse_target, status_line, Body, HttpShared, Reply, BUSY_RESPONSE};
+use crate::backend::BackendError;
 use crate::cache::Value;
 use crate::clients::Permit;
 use crate::config::MAX_HEAD_BYTES;
 use crate::metrics::{Frontend, Status, Tally};
+use crate::proxy::Lookup;
 
 /// First (and usual) size of a connection's read buffer.
 const READ_CHUNK: usize = 8 * 1024;
@@ -75,6 +81,7 @@ pub(super) fn serve(stream: TcpStream, shared: &HttpShared) {
         skip: 0,
         continued: false,
         stall_guard: false,
+        prefetched: VecDeque::new(),
     };
     conn.run();
 }
@@ -147,6 +154,9 @@ struct Conn<'a> {
     continued: bool,
     /// The socket's write timeout is [`UNREAD_STALL`] (else none).
     stall_guard: bool,
+    /// Lookups fetched ahead for the key requests of a pipeline, in order,
+    /// each with where its request starts in `rbuf` (see [`prefetch`]).
+    prefetched: VecDeque<(usize, Result<Lookup, BackendError>)>,
 }
 
 impl Conn<'_> {
@@ -173,6 +183,13 @@ impl Conn<'_> {
 
     /// Answers every complete request in the buffer.
     fn answer_buffered(&mut self, batch_start: Instant) -> Step {
+        let step = self.answer_each(batch_start);
+        // Offsets into a buffer about to move: whatever was not used goes.
+        self.prefetched.clear();
+        step
+    }
+
+    fn answer_each(&mut self, batch_start: Instant) -> Step {
         loop {
             if self.skip > 0 {
                 let n = self.skip.min(self.filled - self.start);
@@ -277,9 +294,26 @@ impl Conn<'_> {
                 (shared.write(&head, body, self.fd), head.len + len, false)
             }
         } else {
-            let reply = match writes {
-                true => shared.write(&head, &[], self.fd),
-                false => shared.route(&head, self.fd),
+            let reply = if writes {
+                shared.write(&head, &[], self.fd)
+            } else {
+                // More input behind this request: it may be a pipeline of
+                // reads whose misses can share one round trip.
+                if self.prefetched.is_empty() && available > len {
+                    self.prefetched =
+                        prefetch(&self.rbuf[..self.filled], self.start, shared, self.fd);
+                }
+                let looked_up = match self.prefetched.front() {
+                    Some((at, _)) if *at == self.start => {
+                        self.prefetched.pop_front().map(|(_, r)| r)
+                    }
+                    Some(_) => {
+                        self.prefetched.clear();
+                        None
+                    }
+                    None => None,
+                };
+                shared.route(&head, self.fd, looked_up)
             };
             let here = len.min(available);
             self.skip = len - here;
@@ -381,6 +415,53 @@ impl Conn<'_> {
             }
         }
     }
+}
+
+/// Most requests of a pipeline read ahead in one batch.
+const MAX_PREFETCH: usize = 1024;
+
+/// The prefetch stage: the run of complete plain key reads (GET or HEAD of
+/// a key, no body, not an operations path) that starts at `from` in `buf`,
+/// read with one [`Proxy::get_batch`] when it holds two or more, so their
+/// misses go to Redis in one round trip. The run stops at any other
+/// request (a write, a body, `/-/`, a bad target, an unfinished head), so
+/// no read is moved before a request ahead of it; and after a request
+/// that closes the connection. Returns each lookup with where its request
+/// starts in `buf`.
+fn prefetch(
+    buf: &[u8],
+    from: usize,
+    shared: &HttpShared,
+    fd: usize,
+) -> VecDeque<(usize, Result<Lookup, BackendError>)> {
+    let mut at = from;
+    let mut starts = Vec::new();
+    let mut keys = Vec::new();
+    while at < buf.len() && keys.len() < MAX_PREFETCH {
+        let Ok(Some(head)) = parse::parse_head(&buf[at..]) else {
+            break;
+        };
+        let plain_read = matches!(head.method, Method::Get | Method::Head)
+            && matches!(head.body, BodyLength::Bytes(0))
+            && !head.target.starts_with(b"/-/");
+        let Some(target) = plain_read.then(|| parse_target(head.target).ok()).flatten() else {
+            break;
+        };
+        starts.push(at);
+        keys.push(target.key);
+        at += head.len;
+        if head.close {
+            break;
+        }
+    }
+    if keys.len() < 2 {
+        return VecDeque::new();
+    }
+    let keys: Vec<&[u8]> = keys.iter().map(|k| &k[..]).collect();
+    starts
+        .into_iter()
+        .zip(shared.proxy.get_batch(&keys, fd))
+        .collect()
 }
 
 /// Encodes `reply` into `out` and counts it.

@@ -32,7 +32,7 @@ use crate::clients::Clients;
 use crate::config::MAX_KEY_BYTES;
 use crate::listener;
 use crate::metrics::Metrics;
-use crate::proxy::{Proxy, Source};
+use crate::proxy::{Lookup, Proxy, Source};
 use parse::{Head, Method};
 
 /// Sent, whole, to a connection over the client limit; then it is closed.
@@ -279,8 +279,15 @@ impl Reply {
 }
 
 impl HttpShared {
-    /// Answers a GET, HEAD or any method this front end does not serve.
-    fn route(&self, head: &Head<'_>, fd: usize) -> Reply {
+    /// Answers a GET, HEAD or any method this front end does not serve;
+    /// a key's lookup is done here unless `looked_up` holds it (fetched
+    /// ahead with the rest of a pipeline).
+    fn route(
+        &self,
+        head: &Head<'_>,
+        fd: usize,
+        looked_up: Option<Result<Lookup, BackendError>>,
+    ) -> Reply {
         if !matches!(head.method, Method::Get | Method::Head) {
             let (allow, msg) = if self.allow_writes {
                 (
@@ -302,7 +309,8 @@ impl HttpShared {
             Ok(target) => target,
             Err(e) => return Reply::error(400, e.message(), None),
         };
-        match self.proxy.get(&target.key, fd) {
+        let looked_up = looked_up.unwrap_or_else(|| self.proxy.get(&target.key, fd));
+        match looked_up {
             Ok(lookup) => match lookup.value {
                 None => Reply::error(404, "key not found", Some(&target.key)).about(lookup.source),
                 Some(value) => Reply::value(

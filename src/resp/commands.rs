@@ -19,9 +19,10 @@ use std::ops::Range;
 
 use super::{backend_error_line, hello_reply, info_text, Next, Out, RespShared, Session};
 use crate::backend::commands::{Flags, Found, Spec};
-use crate::backend::{CommandTable, Pass, Protocol};
+use crate::backend::{BackendError, CommandTable, Pass, Protocol};
+use crate::cache::Value;
 use crate::metrics::{Status, Tally};
-use crate::proxy::Written;
+use crate::proxy::{Lookup, Written};
 
 /// How a served command ended (its reply already written).
 pub(super) enum Done {
@@ -556,11 +557,12 @@ fn reset(cx: &mut Call<'_>, _: &[&[u8]]) -> Outcome {
 }
 
 fn get(cx: &mut Call<'_>, args: &[&[u8]]) -> Outcome {
-    let lookup = cx
-        .shared
-        .proxy
-        .get(args[0], cx.fd)
-        .map_err(|e| Refused::from(backend_error_line(&e)))?;
+    // Fetched ahead with the rest of a pipelined run, or asked now.
+    let lookup = match cx.session.prefetched.take(&args[..1]) {
+        Some(mut answers) => answers.remove(0),
+        None => cx.shared.proxy.get(args[0], cx.fd),
+    };
+    let lookup = lookup.map_err(|e| Refused::from(backend_error_line(&e)))?;
     match lookup.value {
         Some(v) => {
             cx.out.bulk(&v);
@@ -574,11 +576,11 @@ fn get(cx: &mut Call<'_>, args: &[&[u8]]) -> Outcome {
 }
 
 fn mget(cx: &mut Call<'_>, keys: &[&[u8]]) -> Outcome {
-    let values = cx
-        .shared
-        .proxy
-        .get_many(keys, cx.fd)
-        .map_err(|e| Refused::from(backend_error_line(&e)))?;
+    let values = match cx.session.prefetched.take(keys) {
+        Some(answers) => mget_values(answers),
+        None => cx.shared.proxy.get_many(keys, cx.fd),
+    };
+    let values = values.map_err(|e| Refused::from(backend_error_line(&e)))?;
     cx.out.array(values.len());
     for v in values {
         match v {
@@ -587,6 +589,21 @@ fn mget(cx: &mut Call<'_>, keys: &[&[u8]]) -> Outcome {
         }
     }
     Ok(Done::Ok)
+}
+
+/// MGET's answer from GET answers fetched ahead: a key of another type
+/// reads as nil, as in Redis; a failed round trip fails the command.
+fn mget_values(
+    answers: Vec<Result<Lookup, BackendError>>,
+) -> Result<Vec<Option<Value>>, BackendError> {
+    answers
+        .into_iter()
+        .map(|answer| match answer {
+            Ok(lookup) => Ok(lookup.value),
+            Err(BackendError::Reply(_)) => Ok(None),
+            Err(e) => Err(e),
+        })
+        .collect()
 }
 
 fn ping(cx: &mut Call<'_>, args: &[&[u8]]) -> Outcome {
