@@ -228,3 +228,54 @@ fn failover_with_tracking_empties_the_cache_and_tracks_the_new_master() {
         (proxy.get("/k").body == b"v2").then_some(())
     });
 }
+
+/// The clients connected to the server on `port` whose last command was GET
+/// (the proxy's data connections, once they have served a miss).
+fn get_clients(redis: &Redis) -> usize {
+    match redis.cmd(&[b"CLIENT", b"LIST"]) {
+        redis::Value::BulkString(text) => String::from_utf8_lossy(&text)
+            .lines()
+            .filter(|l| l.contains(" cmd=get "))
+            .count(),
+        redis::Value::VerbatimString { text, .. } => {
+            text.lines().filter(|l| l.contains(" cmd=get ")).count()
+        }
+        _ => 0,
+    }
+}
+
+/// A manual failover (`SENTINEL FAILOVER`) demotes a master that stays up
+/// and keeps serving reads as a replica: the proxy still moves its
+/// connections to the new master.
+#[test]
+fn manual_failover_moves_off_the_demoted_master() {
+    let master = Redis::start();
+    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    master.set("k", "v");
+    poll_until("the replica to sync", || {
+        matches!(replica.cmd(&[b"GET", b"k"]), redis::Value::BulkString(_)).then_some(())
+    });
+    let sentinel = Sentinel::start(master.port());
+    sentinel.wait_for_replica(&replica);
+    let proxy = proxy(&[sentinel.port()], &[("CACHE_CAPACITY", "0")]);
+    poll_until("k served", || (proxy.get("/k").status == 200).then_some(()));
+    assert!(get_clients(&master) > 0, "the proxy reads the master");
+    assert_eq!(get_clients(&replica), 0);
+
+    let reply = sentinel.cmd("*3\r\n$8\r\nSENTINEL\r\n$8\r\nFAILOVER\r\n$8\r\nmymaster\r\n");
+    assert!(reply.starts_with("+OK"), "SENTINEL FAILOVER: {reply}");
+    poll_for(
+        Duration::from_secs(30),
+        "the replica's promotion",
+        &mut || is_master(replica.port()).then_some(()),
+    );
+    poll_until("the proxy to read the new master", || {
+        for _ in 0..4 {
+            proxy.get("/k");
+        }
+        (get_clients(&replica) > 0 && get_clients(&master) == 0).then_some(())
+    });
+    poll_until("redis_failovers_total to count the move", || {
+        (metric(&proxy, "redis_proxy_redis_failovers_total") == 1).then_some(())
+    });
+}

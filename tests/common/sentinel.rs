@@ -105,6 +105,11 @@ impl Sentinel {
         });
     }
 
+    /// One raw RESP command (as bytes on the wire), its reply as text.
+    pub fn cmd(&self, command: &str) -> String {
+        self.query(command)
+    }
+
     /// One raw command, its reply as text.
     fn query(&self, command: &str) -> String {
         let attempt = || -> std::io::Result<String> {
