@@ -9,7 +9,7 @@
 //! # Layout
 //! - [`config`]: settings, flags, environment variables, validation.
 //! - [`cache`]: exact LRU (by reads) + global TTL over a sharded map; entries are one allocation each (`cache/entry.rs`); knows nothing of Redis or HTTP.
-//! - [`backend`]: the backing Redis behind the [`backend::Redis`] trait: a [`backend::Topology`] over nodes (`backend/topology.rs`, one node today), each node's per-worker pipelined connections over may sockets (`backend/node.rs`), and the one connect path for every connection: resolve, TCP, AUTH, SELECT (`backend/connect.rs`).
+//! - [`backend`]: the backing Redis behind the [`backend::Redis`] trait: a [`backend::Topology`] over nodes (`backend/topology.rs`, one node today), each node's per-worker pipelined connections over may sockets (`backend/node.rs`), and the one connect path for every connection: resolve, TCP, TLS, AUTH, SELECT (`backend/connect.rs`); the rustls configuration of `rediss://` (`backend/tls.rs`); the Sentinel-found master and the watcher that follows it (`backend/sentinel.rs`).
 //! - [`proxy`]: the read-through core both front ends call (`get`, `get_many`, `set`, `del`, `ready`, `snapshot`): lookup, single-flight miss, insert, writes.
 //! - [`coherence`]: the freshness state machine (flights, epoch, generation, tracking up/down) the core reads and the layers below report into.
 //! - [`http`]: the HTTP front end: its own connection loop on may coroutines (`http/conn.rs`), head parsing with httparse (`http/parse.rs`); maps results and errors to statuses.

@@ -763,11 +763,7 @@ impl IoLoop {
                     self.stats.reconnects.fetch_add(1, Ordering::Relaxed);
                 }
                 if !self.up.swap(true, Ordering::Relaxed) || self.retry_at.is_some() {
-                    log::info!(
-                        "redis connection {} up ({})",
-                        self.index,
-                        self.options.target
-                    );
+                    log::info!("redis connection {} up ({})", self.index, self.target_now());
                 }
                 if self.connected_before {
                     // Redis dropped what it tracked for the old connection.
@@ -786,14 +782,15 @@ impl IoLoop {
                 if let Some(master) = &self.master {
                     master.suspect("a failed connect");
                 }
+                let reason = why.to_string();
                 let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-                if self.retry_at.is_none() && warned.as_deref() != Some(why.to_string().as_str()) {
+                if self.retry_at.is_none() && warned.as_deref() != Some(reason.as_str()) {
+                    let target = self.target_now();
                     log::warn!(
-                        "redis connection {} to {} failed: {why}",
-                        self.index,
-                        self.options.target
+                        "redis connection {} to {target} failed: {reason}",
+                        self.index
                     );
-                    *warned = Some(why.to_string());
+                    *warned = Some(reason);
                 }
                 drop(warned);
                 self.up.store(false, Ordering::Relaxed);
@@ -807,6 +804,17 @@ impl IoLoop {
                 self.backoff = (self.backoff * 2).min(MAX_BACKOFF);
                 Err(err)
             }
+        }
+    }
+
+    /// Where this connection goes, for log lines (with Sentinel, the
+    /// master's address now, not `REDIS_URL`'s).
+    fn target_now(&self) -> String {
+        match &self.master {
+            None => self.options.target.to_string(),
+            Some(master) => master
+                .target(&self.options.target)
+                .map_or("the master (not found yet)".into(), |(t, _)| t.to_string()),
         }
     }
 

@@ -116,6 +116,17 @@ pub(crate) fn watch(
     stats: Arc<BackendStats>,
 ) -> Arc<Master> {
     let master = Arc::new(Master::new(&sentinel.master));
+    let list: Vec<String> = sentinel
+        .sentinels
+        .iter()
+        .map(|(host, port)| format!("{host}:{port}"))
+        .collect();
+    log::info!(
+        "finding master {} through Sentinel {} (REDIS_URL gives credentials, db and TLS; \
+         its host and port are not used)",
+        sentinel.master,
+        list.join(",")
+    );
     let mut watcher = Watcher {
         sentinel: sentinel.clone(),
         base: options.target.clone(),
