@@ -48,6 +48,9 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 
 type StdSocket = std::net::TcpStream;
 
+/// A host and port.
+type Addr = (String, u16);
+
 /// Where the master is, shared by the watcher and the data links.
 pub(crate) struct Master {
     name: String,
@@ -136,6 +139,7 @@ pub(crate) fn watch(
         freshness: options.freshness.clone(),
         next: 0,
         warned: None,
+        replicas: Vec::new(),
     };
     thread::Builder::new()
         .name("redis-sentinel".into())
@@ -164,6 +168,8 @@ struct Watcher {
     next: usize,
     /// The last problem logged, so each is logged once, not every [`POLL`].
     warned: Option<String>,
+    /// The master's replicas, as a Sentinel last listed them.
+    replicas: Vec<(String, u16)>,
 }
 
 impl Watcher {
@@ -176,9 +182,9 @@ impl Watcher {
             if due {
                 checked = Instant::now();
                 match self.resolve() {
-                    Ok((host, port)) => {
+                    Ok(((host, port), how)) => {
                         self.warned = None;
-                        self.moved(&host, port, "Sentinel");
+                        self.moved(&host, port, how);
                     }
                     Err(why) => {
                         self.warn(format!(
@@ -263,40 +269,64 @@ impl Watcher {
 
     /// Asks each Sentinel in turn, from the last that answered, and
     /// confirms the address it gives with `ROLE`.
-    fn resolve(&mut self) -> Result<(String, u16), String> {
+    fn resolve(&mut self) -> Result<(Addr, &'static str), String> {
         let count = self.sentinel.sentinels.len();
         let mut errors = Vec::new();
         for i in 0..count {
             let index = (self.next + i) % count;
             let at = self.describe(index);
             match self.ask(index) {
-                Ok(Some((host, port))) => match self.confirm(&host, port) {
-                    Ok(()) => {
-                        self.next = index;
-                        return Ok((host, port));
+                Ok((Some((host, port)), replicas)) => {
+                    if !replicas.is_empty() {
+                        self.replicas = replicas;
                     }
-                    Err(why) => errors.push(format!("{at} names {host}:{port}, but {why}")),
-                },
-                Ok(None) => errors.push(format!(
+                    match self.confirm(&host, port) {
+                        Ok(()) => {
+                            self.next = index;
+                            return Ok(((host, port), "Sentinel"));
+                        }
+                        Err(why) => errors.push(format!("{at} names {host}:{port}, but {why}")),
+                    }
+                }
+                Ok((None, _)) => errors.push(format!(
                     "{at} knows no master named {:?}",
                     self.sentinel.master
                 )),
                 Err(why) => errors.push(format!("{at}: {why}")),
             }
         }
+        // Sentinel names a promoted replica only once it has seen the
+        // promotion in that replica's INFO, up to a second later: a replica
+        // it listed that already answers ROLE master is where it is about to
+        // point (the check HAProxy setups make). Only while what Sentinel
+        // names is not a reachable master.
+        for (host, port) in self.replicas.clone() {
+            if self.confirm(&host, port).is_ok() {
+                return Ok((
+                    (host, port),
+                    "a replica Sentinel listed says ROLE master, ahead of Sentinel's announcement",
+                ));
+            }
+        }
         Err(errors.join("; "))
     }
 
-    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` on Sentinel `index`.
-    fn ask(&self, index: usize) -> Result<Option<(String, u16)>, String> {
-        let cmd = redis::cmd("SENTINEL")
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` on Sentinel `index`, and the
+    /// replicas it knows (`SENTINEL REPLICAS`, in the same round trip).
+    fn ask(&self, index: usize) -> Result<(Option<Addr>, Vec<Addr>), String> {
+        let mut cmd = redis::cmd("SENTINEL")
             .arg("GET-MASTER-ADDR-BY-NAME")
             .arg(&self.sentinel.master)
             .get_packed_command();
+        redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg(&self.sentinel.master)
+            .write_packed_command(&mut cmd);
         let (_, mut replies) =
-            connect::<StdSocket>(&self.sentinel_target(index), self.timeout, &cmd, 1)
+            connect::<StdSocket>(&self.sentinel_target(index), self.timeout, &cmd, 2)
                 .map_err(|e| e.to_string())?;
-        match replies.pop() {
+        let replicas = replies.pop().map(replica_addresses).unwrap_or_default();
+        let master = match replies.pop() {
             Some(Value::Nil) => Ok(None),
             Some(Value::Array(parts)) => match parts.as_slice() {
                 [Value::BulkString(host), Value::BulkString(port)] => {
@@ -311,7 +341,8 @@ impl Watcher {
             },
             Some(Value::ServerError(err)) => Err(server_error_line(&err)),
             other => Err(format!("an unexpected answer: {other:?}")),
-        }
+        }?;
+        Ok((master, replicas))
     }
 
     /// `ROLE` at `host:port` (with `REDIS_URL`'s credentials) says `master`.
@@ -414,6 +445,37 @@ impl Watcher {
     }
 }
 
+/// The `ip` and `port` of each replica in a `SENTINEL REPLICAS` reply (a
+/// list of flat field-value lists; maps in RESP3).
+fn replica_addresses(value: Value) -> Vec<(String, u16)> {
+    let Value::Array(replicas) = value else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    replicas
+        .iter()
+        .filter_map(|replica| {
+            let fields: Vec<(String, String)> = match replica {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                    .collect(),
+                _ => return None,
+            };
+            let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            Some((field("ip")?.clone(), field("port")?.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The new address in a `+switch-master` message for `name`:
 /// `["message", "+switch-master", "<name> <old ip> <old port> <new ip> <new port>"]`.
 fn switch_master(value: &Value, name: &str) -> Option<(String, u16)> {
@@ -470,6 +532,28 @@ mod tests {
             Some(Some(("10.0.0.1".into(), 6379)))
         );
         assert_eq!(m.generation(), 2);
+    }
+
+    /// Replica addresses come out of `SENTINEL REPLICAS`' field lists.
+    #[test]
+    fn replica_addresses_from_sentinel_replicas() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("name"),
+                bulk("127.0.0.1:6380"),
+                bulk("ip"),
+                bulk("127.0.0.1"),
+                bulk("port"),
+                bulk("6380"),
+            ]),
+            Value::Array(vec![bulk("ip"), bulk("10.0.0.2")]),
+        ]);
+        assert_eq!(
+            replica_addresses(reply),
+            vec![("127.0.0.1".to_string(), 6380)]
+        );
+        assert!(replica_addresses(Value::Nil).is_empty());
     }
 
     /// Only a `+switch-master` for our master's name moves it.
