@@ -284,3 +284,37 @@ fn manual_failover_moves_off_the_demoted_master() {
         (metric(&proxy, "redis_proxy_redis_failovers_total") == 1).then_some(())
     });
 }
+
+/// `rediss://` with Sentinel: the Sentinel and the master both speak TLS
+/// only to the proxy (their TLS ports), verified against the CA file.
+#[test]
+fn sentinel_and_master_over_tls() {
+    let certs = common::tls::Certs::new("sentinel");
+    let server = common::tls::TlsRedis::start_signed_by(&certs, false);
+    server.redis.set("k", "over tls");
+    let (cert, key, ca) = (
+        certs.path("server.pem"),
+        certs.path("server.key"),
+        certs.ca_file(),
+    );
+    let tls_port = free_port();
+    let conf = format!(
+        "tls-port {tls_port}\ntls-cert-file {}\ntls-key-file {}\ntls-ca-cert-file {}\n\
+         tls-auth-clients no\ntls-replication yes",
+        cert.display(),
+        key.display(),
+        ca.display()
+    );
+    let _sentinel = Sentinel::start_with(free_port(), server.tls_port, &conf);
+    let proxy = Proxy::builder()
+        .redis_url("rediss://127.0.0.1:1/0")
+        .env("REDIS_SENTINELS", &format!("127.0.0.1:{tls_port}"))
+        .env("REDIS_SENTINEL_MASTER", MASTER)
+        .env("REDIS_TLS_CA_FILE", ca.to_str().unwrap())
+        .start();
+    poll_until("k served through Sentinel over TLS", || {
+        let r = proxy.get("/k");
+        (r.status == 200 && r.body == b"over tls").then_some(())
+    });
+    assert_eq!(proxy.get("/-/ready").status, 200);
+}

@@ -35,6 +35,12 @@ impl Sentinel {
 
     /// [`Sentinel::start`] on a given port.
     pub fn start_on(port: u16, master_port: u16) -> Sentinel {
+        Sentinel::start_with(port, master_port, "")
+    }
+
+    /// [`Sentinel::start_on`] with more lines for sentinel.conf (before the
+    /// `sentinel monitor` line), e.g. TLS settings.
+    pub fn start_with(port: u16, master_port: u16, conf_lines: &str) -> Sentinel {
         let dir = std::env::temp_dir().join(format!(
             "redis-proxy-sentinel-{}-{}",
             std::process::id(),
@@ -45,7 +51,7 @@ impl Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n{conf_lines}\n\
                  sentinel monitor {MASTER} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
                  sentinel failover-timeout {MASTER} 10000\n",
