@@ -86,6 +86,9 @@ pub fn start(config: &Config) -> io::Result<Server> {
             metrics.clone(),
         )
     });
+    if target.tls.is_none() && config.tls_settings_given() {
+        log::warn!("REDIS_TLS_* settings are not used: REDIS_URL is not rediss://");
+    }
     if target.tls.as_ref().is_some_and(|tls| tls.insecure()) {
         log::warn!(
             "REDIS_TLS_INSECURE: the Redis server's certificate is not verified; \
