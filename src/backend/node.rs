@@ -14,6 +14,12 @@
 //! on (sent ahead of the next batch whenever the listener's id changed) and
 //! reports a reopened link and a failed `CLIENT TRACKING` into the
 //! [`Freshness`] state; that is all it knows of coherence.
+//!
+//! A link is a `connect::DataStream`, plain TCP or TLS, read the same way.
+//! With Sentinel the node's address can change: a connection takes it from
+//! the shared `sentinel::Master` when it connects, drops a link opened at an
+//! older address before its next batch, and reports what suggests the
+//! address is stale (a lost link, a failed connect, `-READONLY`).
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
