@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
 
+use crate::backend::sentinel::Master;
 use crate::backend::{Backend, BackendOptions};
 use crate::cache::{Cache, Limits, SystemClock};
 use crate::clients::Clients;
@@ -95,19 +96,20 @@ pub fn start(config: &Config) -> io::Result<Server> {
              anyone on the path can pose as Redis"
         );
     }
-    let sentinel = config
+    let master = config
         .sentinel()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+        .map(Master::new);
+    if let (Some(tracking), Some(master)) = (&tracking, &master) {
+        tracking.follow(master.clone());
+    }
     let backend = Backend::start(BackendOptions {
         target,
         connections: workers,
         timeout: config.redis_timeout(),
         freshness,
-        sentinel,
+        master,
     });
-    if let (Some(tracking), Some(master)) = (&tracking, backend.master()) {
-        tracking.follow(master);
-    }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {
         tracking.spawn();

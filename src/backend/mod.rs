@@ -15,7 +15,9 @@
 //!   sockets) alike.
 //! - `tls`: the rustls client configuration of `rediss://`.
 //! - `sentinel`: where the master is (Sentinel-found), and the watcher
-//!   thread that follows it.
+//!   thread that follows it. With Sentinel the topology stays one node whose
+//!   address moves: every connection reads it from
+//!   [`BackendOptions::master`] when it connects.
 //! - `node`: one node's per-worker pipelined connections (I/O coroutines).
 //! - `topology`: which node serves a key. Today only [`Topology::Single`];
 //!   a Sentinel-found master or a cluster's masters by slot add a variant,
@@ -23,7 +25,7 @@
 
 pub(crate) mod connect;
 mod node;
-pub(crate) mod sentinel;
+pub mod sentinel;
 pub mod tls;
 mod topology;
 
@@ -35,7 +37,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::coherence::Freshness;
-use crate::config::{RedisTarget, SentinelTarget};
+use crate::config::RedisTarget;
 
 pub use topology::Topology;
 
@@ -158,16 +160,16 @@ pub struct BackendOptions {
     pub timeout: Duration,
     /// Where data links report what freshness depends on (tracking only).
     pub freshness: Option<Arc<dyn Freshness>>,
-    /// Find the master through these Sentinels (`target` then gives only
-    /// credentials, db and TLS).
-    pub sentinel: Option<SentinelTarget>,
+    /// With Sentinel: where the master is now, shared by every connection
+    /// (`target` then gives only credentials, db and TLS); its watcher
+    /// starts with the backend.
+    pub master: Option<Arc<sentinel::Master>>,
 }
 
 /// The backing Redis.
 pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
-    master: Option<Arc<sentinel::Master>>,
 }
 
 impl Backend {
@@ -175,24 +177,13 @@ impl Backend {
     /// request, so a dead Redis does not stop the proxy starting.
     pub fn start(options: BackendOptions) -> Backend {
         let stats = Arc::new(BackendStats::default());
-        let master = options
-            .sentinel
-            .as_ref()
-            .map(|sentinel| sentinel::watch(sentinel, &options, stats.clone()));
-        let topology = match &master {
-            None => Topology::single(&options, stats.clone()),
-            Some(master) => Topology::sentinel(&options, stats.clone(), master.clone()),
-        };
-        Backend {
-            topology,
-            stats,
-            master,
+        if let Some(master) = &options.master {
+            sentinel::watch(master, &options, stats.clone());
         }
-    }
-
-    /// Where the master is, with Sentinel (the invalidation listener follows it too).
-    pub(crate) fn master(&self) -> Option<Arc<sentinel::Master>> {
-        self.master.clone()
+        Backend {
+            topology: Topology::single(&options, stats.clone()),
+            stats,
+        }
     }
 
     fn count_reply_error<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {

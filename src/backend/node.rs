@@ -31,7 +31,6 @@ use may::sync::{mpsc, Blocker};
 use redis::Value;
 
 use super::connect::{connect, ConnectError, DataStream};
-use super::sentinel::Master;
 use super::{
     bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult,
 };
@@ -150,24 +149,12 @@ pub struct Node {
 impl Node {
     /// Starts one I/O coroutine per connection; each connects on its first job.
     pub(crate) fn start(options: &BackendOptions, stats: Arc<BackendStats>) -> Node {
-        Node::start_at(options, stats, None)
-    }
-
-    /// [`Node::start`] for a node whose address can change: with `master`,
-    /// each connection goes where the Sentinel watcher last found the master,
-    /// and moves when it moves.
-    pub(crate) fn start_at(
-        options: &BackendOptions,
-        stats: Arc<BackendStats>,
-        master: Option<Arc<Master>>,
-    ) -> Node {
         let up = Arc::new(AtomicBool::new(false));
         let warned = Arc::new(Mutex::new(None));
         let queues = (0..options.connections.max(1))
             .map(|index| {
                 let (tx, rx) = mpsc::channel();
                 let mut io = IoLoop::new(index, options.clone(), stats.clone(), up.clone());
-                io.master = master.clone();
                 io.warned = warned.clone();
                 let builder = may::coroutine::Builder::new()
                     .name(format!("redis-io-{index}"))
@@ -518,9 +505,8 @@ struct IoLoop {
     retry_error: BackendError,
     rng: u64,
     write_buf: Vec<u8>,
-    /// Where the master is, with Sentinel; the link was opened at its
-    /// `link_generation`.
-    master: Option<Arc<Master>>,
+    /// With Sentinel (`options.master`), the link was opened at this
+    /// generation of the master's address.
     link_generation: u64,
     /// The last connect failure logged for this node: each reason is logged
     /// once for all its connections, not once per connection and attempt.
@@ -550,7 +536,6 @@ impl IoLoop {
             retry_error: BackendError::Unavailable("reconnecting".into()),
             rng: seed | 1,
             write_buf: Vec::with_capacity(16 * 1024),
-            master: None,
             link_generation: 0,
             warned: Arc::new(Mutex::new(None)),
         }
@@ -682,7 +667,7 @@ impl IoLoop {
             match answer {
                 Ok(Answer::Values(values)) if values.iter().any(is_readonly) => {
                     // A master that became a replica: ask Sentinel again.
-                    if let Some(master) = &self.master {
+                    if let Some(master) = &self.options.master {
                         master.suspect("a READONLY reply");
                     }
                     job.answer(Ok(Answer::Values(values)))
@@ -785,7 +770,7 @@ impl IoLoop {
                 Ok(())
             }
             Err(why) => {
-                if let Some(master) = &self.master {
+                if let Some(master) = &self.options.master {
                     master.suspect("a failed connect");
                 }
                 let reason = why.to_string();
@@ -816,7 +801,7 @@ impl IoLoop {
     /// Where this connection goes, for log lines (with Sentinel, the
     /// master's address now, not `REDIS_URL`'s).
     fn target_now(&self) -> String {
-        match &self.master {
+        match &self.options.master {
             None => self.options.target.to_string(),
             Some(master) => master
                 .target(&self.options.target)
@@ -826,7 +811,7 @@ impl IoLoop {
 
     fn connect(&mut self) -> Result<Link, ConnectError> {
         let timeout = self.options.timeout;
-        let target = match &self.master {
+        let target = match &self.options.master {
             None => self.options.target.clone(),
             Some(master) => {
                 let (target, generation) =
@@ -854,7 +839,7 @@ impl IoLoop {
     fn drop_link(&mut self, why: &str) {
         if self.link.take().is_some() {
             log::debug!("redis connection {} dropped: {why}", self.index);
-            if let Some(master) = &self.master {
+            if let Some(master) = &self.options.master {
                 master.suspect("a lost connection");
             }
         }
@@ -863,7 +848,7 @@ impl IoLoop {
     /// With Sentinel: a link to where the master was is dropped once it
     /// moved, and a pending reconnect goes at once to where it is now.
     fn follow_master(&mut self) {
-        let Some(master) = &self.master else {
+        let Some(master) = &self.options.master else {
             return;
         };
         if master.generation() == self.link_generation {

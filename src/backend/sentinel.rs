@@ -23,6 +23,7 @@
 //! tracks nothing for this proxy yet. Cached keys keep being served
 //! throughout otherwise.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -51,8 +52,13 @@ type StdSocket = std::net::TcpStream;
 /// A host and port.
 type Addr = (String, u16);
 
-/// Where the master is, shared by the watcher and the data links.
-pub(crate) struct Master {
+/// Where the master is, shared by the watcher and the data links (which
+/// find it in [`BackendOptions::master`](super::BackendOptions)).
+pub struct Master {
+    /// The Sentinels and the master's name.
+    sentinel: SentinelTarget,
+    /// Set once the watcher runs (one per `Master`).
+    watching: AtomicBool,
     name: String,
     /// The address and its generation, changed together.
     at: Mutex<Option<(String, u16)>>,
@@ -61,14 +67,27 @@ pub(crate) struct Master {
     suspect: AtomicBool,
 }
 
+impl fmt::Debug for Master {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Master")
+            .field("sentinel", &self.sentinel)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
 impl Master {
-    fn new(name: &str) -> Master {
-        Master {
-            name: name.to_string(),
+    /// The state for finding `sentinel.master`: unknown until the watcher,
+    /// started by `Backend::start`, finds it.
+    pub fn new(sentinel: SentinelTarget) -> Arc<Master> {
+        Arc::new(Master {
+            name: sentinel.master.clone(),
+            sentinel,
+            watching: AtomicBool::new(false),
             at: Mutex::new(None),
             generation: AtomicU64::new(0),
             suspect: AtomicBool::new(true),
-        }
+        })
     }
 
     /// `base` (credentials, db, TLS) at the master's address now, and the
@@ -112,13 +131,13 @@ impl Master {
     }
 }
 
-/// Starts the watcher for `sentinel` and returns the state it keeps.
-pub(crate) fn watch(
-    sentinel: &SentinelTarget,
-    options: &BackendOptions,
-    stats: Arc<BackendStats>,
-) -> Arc<Master> {
-    let master = Arc::new(Master::new(&sentinel.master));
+/// Starts the watcher thread of `master` (once; later calls do nothing),
+/// connecting as `options` says (credentials, db, TLS, timeout).
+pub(crate) fn watch(master: &Arc<Master>, options: &BackendOptions, stats: Arc<BackendStats>) {
+    if master.watching.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let sentinel = &master.sentinel;
     let list: Vec<String> = sentinel
         .sentinels
         .iter()
@@ -145,7 +164,6 @@ pub(crate) fn watch(
         .name("redis-sentinel".into())
         .spawn(move || watcher.run())
         .expect("spawn Sentinel watcher thread");
-    master
 }
 
 /// An open `SUBSCRIBE +switch-master` on one Sentinel.
@@ -517,7 +535,11 @@ mod tests {
     /// keeps the URL's credentials and db; the same address is no move.
     #[test]
     fn master_moves_bump_the_generation() {
-        let m = Master::new("mymaster");
+        let m = Master::new(SentinelTarget {
+            sentinels: vec![("127.0.0.1".into(), 26379)],
+            master: "mymaster".into(),
+            password: None,
+        });
         assert!(m.target(&base()).is_none());
         assert_eq!(m.set("10.0.0.1", 6379), Some(None));
         let (t, g1) = m.target(&base()).unwrap();

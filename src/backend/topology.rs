@@ -5,7 +5,6 @@
 use std::sync::Arc;
 
 use super::node::Node;
-use super::sentinel::Master;
 use super::{BackendOptions, BackendStats};
 
 /// The shape of the backing Redis.
@@ -18,15 +17,6 @@ impl Topology {
     /// One node at `options.target`.
     pub(crate) fn single(options: &BackendOptions, stats: Arc<BackendStats>) -> Topology {
         Topology::Single(Node::start(options, stats))
-    }
-
-    /// One node wherever Sentinel says the master is (it moves with it).
-    pub(crate) fn sentinel(
-        options: &BackendOptions,
-        stats: Arc<BackendStats>,
-        master: Arc<Master>,
-    ) -> Topology {
-        Topology::Single(Node::start_at(options, stats, Some(master)))
     }
 
     /// The node that holds `key`.
