@@ -4,8 +4,8 @@
 //! Owns the [`Master`] state (where the master is now) and the watcher, a
 //! std thread like the invalidation listener: it spends its life blocked in
 //! reads and in short connects that would freeze a may worker. The data
-//! links only read [`Master::target`] when they connect and report trouble
-//! with [`Master::suspect`]; credentials, db and TLS come from `REDIS_URL`
+//! links only read `Master::target` when they connect and report trouble
+//! with `Master::suspect`; credentials, db and TLS come from `REDIS_URL`
 //! (TLS also for the Sentinels, with `REDIS_SENTINEL_PASSWORD`).
 //!
 //! # States
@@ -16,8 +16,8 @@
 //!
 //! Events: `+switch-master` on the subscribed Sentinel (its new address,
 //! confirmed with `ROLE`), or a suspicion (a lost data link, a failed
-//! connect, a `-READONLY` reply, every [`RECHECK`]) that makes the watcher
-//! ask the Sentinels again, each in turn, within [`POLL`]. A move to another
+//! connect, a `-READONLY` reply, every `RECHECK`) that makes the watcher
+//! ask the Sentinels again, each in turn, within `POLL`. A move to another
 //! address bumps `g`, counts in `redis_failovers_total` and, with tracking,
 //! empties the cache (reported into the freshness state): the new master
 //! tracks nothing for this proxy yet. Cached keys keep being served
