@@ -318,3 +318,22 @@ fn sentinel_and_master_over_tls() {
     });
     assert_eq!(proxy.get("/-/ready").status, 200);
 }
+
+/// REDIS_SENTINEL_PASSWORD authenticates to Sentinels with `requirepass`;
+/// without it they refuse, and the log says why.
+#[test]
+fn sentinel_password() {
+    let master = Redis::start();
+    master.set("k", "v");
+    let sentinel = Sentinel::start_with(free_port(), master.port(), "requirepass s3cret");
+    let with = proxy(&[sentinel.port()], &[("REDIS_SENTINEL_PASSWORD", "s3cret")]);
+    poll_until("k served through a Sentinel with a password", || {
+        (with.get("/k").status == 200).then_some(())
+    });
+    let without = proxy(&[sentinel.port()], &[]);
+    assert_eq!(without.get("/k").status, 503);
+    poll_until("a log line with Sentinel's refusal", || {
+        without.logs().contains("NOAUTH").then_some(())
+    });
+    assert!(!with.logs().contains("s3cret") && !without.logs().contains("s3cret"));
+}

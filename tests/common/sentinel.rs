@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{free_port, ping, Drain, Redis, DEADLINE, POLL};
+use super::{free_port, Drain, Redis, DEADLINE, POLL};
 
 /// The master's name every test Sentinel monitors.
 pub const MASTER: &str = "mymaster";
@@ -70,7 +70,7 @@ impl Sentinel {
         let out = Drain::spawn(child.stdout.take().expect("piped stdout"));
         Drain::spawn(child.stderr.take().expect("piped stderr"));
         let end = Instant::now() + DEADLINE;
-        while !ping(port) {
+        while !answers(port) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("sentinel exited ({status}): {}", out.text());
             }
@@ -138,6 +138,19 @@ impl Drop for Sentinel {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Whether something on `port` answers a PING at all (`+PONG`, or
+/// `-NOAUTH` from a Sentinel with `requirepass`).
+fn answers(port: u16) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+        let mut buf = [0u8; 16];
+        Ok(s.read(&mut buf)? > 0)
+    };
+    attempt().unwrap_or(false)
 }
 
 /// Whether the server on `port` says `ROLE` master.
