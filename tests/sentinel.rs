@@ -9,7 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use common::sentinel::{is_master, Sentinel, MASTER};
+use common::sentinel::{is_master, OwnDir, Sentinel, MASTER};
 use common::{free_port, metric, poll_for, poll_until, Proxy, Redis};
 
 /// A proxy that finds its master through `sentinels` (host and port in
@@ -59,8 +59,8 @@ fn load(proxy: &Proxy, key: &str, stop: Arc<AtomicBool>) -> thread::JoinHandle<V
 /// The first Sentinel listed is down the whole time.
 #[test]
 fn failover_under_read_load() {
-    let mut master = Redis::start();
-    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let mut master = OwnDir::start(&[]);
+    let replica = OwnDir::replica_of(&master);
     master.set("cached", "c");
     master.set("big", "v".repeat(100));
     poll_until("the replica to sync", || {
@@ -152,7 +152,7 @@ fn failover_under_read_load() {
 /// and finds the master through the third.
 #[test]
 fn sentinels_partly_down_at_start() {
-    let master = Redis::start();
+    let master = OwnDir::start(&[]);
     master.set("k", "v");
     let sentinel = Sentinel::start(master.port());
     let proxy = proxy(&[free_port(), free_port(), sentinel.port()], &[]);
@@ -168,7 +168,7 @@ fn sentinels_partly_down_at_start() {
 /// starts; then the master is found without a restart.
 #[test]
 fn no_sentinel_up_then_one_starts() {
-    let master = Redis::start();
+    let master = OwnDir::start(&[]);
     master.set("k", "v");
     // Start a Sentinel to learn a port, stop it, and give that port.
     let sentinel = Sentinel::start(master.port());
@@ -190,8 +190,8 @@ fn no_sentinel_up_then_one_starts() {
 /// master: a write on the new master reaches the cache.
 #[test]
 fn failover_with_tracking_empties_the_cache_and_tracks_the_new_master() {
-    let mut master = Redis::start();
-    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let mut master = OwnDir::start(&[]);
+    let replica = OwnDir::replica_of(&master);
     master.set("k", "v1");
     poll_until("the replica to sync", || {
         matches!(replica.cmd(&[b"GET", b"k"]), redis::Value::BulkString(_)).then_some(())
@@ -249,8 +249,8 @@ fn gets_run(redis: &Redis) -> u64 {
 /// its next request).
 #[test]
 fn manual_failover_moves_off_the_demoted_master() {
-    let master = Redis::start();
-    let replica = Redis::start_with(&["--replicaof", "127.0.0.1", &master.port().to_string()]);
+    let master = OwnDir::start(&[]);
+    let replica = OwnDir::replica_of(&master);
     master.set("k", "v");
     poll_until("the replica to sync", || {
         matches!(replica.cmd(&[b"GET", b"k"]), redis::Value::BulkString(_)).then_some(())
@@ -323,7 +323,7 @@ fn sentinel_and_master_over_tls() {
 /// without it they refuse, and the log says why.
 #[test]
 fn sentinel_password() {
-    let master = Redis::start();
+    let master = OwnDir::start(&[]);
     master.set("k", "v");
     let sentinel = Sentinel::start_with(free_port(), master.port(), "requirepass s3cret");
     let with = proxy(&[sentinel.port()], &[("REDIS_SENTINEL_PASSWORD", "s3cret")]);

@@ -140,6 +140,59 @@ impl Drop for Sentinel {
     }
 }
 
+/// A redis-server in a directory of its own, removed on drop. A replica
+/// (and a master a failover demotes) writes the RDB it syncs to `dump.rdb`
+/// in its dir; in the shared temp dir every later test server would load it.
+pub struct OwnDir {
+    pub redis: Redis,
+    dir: PathBuf,
+}
+
+impl OwnDir {
+    /// Starts a redis-server with `args` in a new directory.
+    pub fn start(args: &[&str]) -> OwnDir {
+        let dir = std::env::temp_dir().join(format!(
+            "redis-proxy-node-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the server dir");
+        let path = dir.to_string_lossy().into_owned();
+        let mut all = vec!["--dir", path.as_str()];
+        all.extend_from_slice(args);
+        OwnDir {
+            redis: Redis::start_with(&all),
+            dir,
+        }
+    }
+
+    /// A replica of `master`, in its own directory.
+    pub fn replica_of(master: &Redis) -> OwnDir {
+        let port = master.port().to_string();
+        OwnDir::start(&["--replicaof", "127.0.0.1", &port])
+    }
+}
+
+impl std::ops::Deref for OwnDir {
+    type Target = Redis;
+    fn deref(&self) -> &Redis {
+        &self.redis
+    }
+}
+
+impl std::ops::DerefMut for OwnDir {
+    fn deref_mut(&mut self) -> &mut Redis {
+        &mut self.redis
+    }
+}
+
+impl Drop for OwnDir {
+    fn drop(&mut self) {
+        self.redis.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
 /// Whether something on `port` answers a PING at all (`+PONG`, or
 /// `-NOAUTH` from a Sentinel with `requirepass`).
 fn answers(port: u16) -> bool {
