@@ -117,7 +117,7 @@ fn hop(c: &mut Criterion) {
         connections: 1,
         timeout: Duration::from_secs(1),
         freshness: None,
-        sentinel: None,
+        master: None,
     }));
     let keys: Arc<Vec<Vec<u8>>> = Arc::new((0..KEYS).map(key).collect());
 

@@ -11,6 +11,7 @@
 #   hot key at expiry: wrk -c 64 on 10 keys for BENCH_HOT_DURATION, CACHE_TTL_MS=1000,
 #       with and without CACHE_STALE_WHILE_REVALIDATE_MS: p99 and max latency side by side
 #   idle: 10,000 idle keep-alive connections held open: others still served? proxy RSS?
+#   TLS rows: all-miss and hits over rediss:// beside plain TCP (tls_rows; BENCH_TLS=0 skips)
 #
 # (a)-(f) run with wrk --latency, a Lua script rotating over the hot key set, in
 # BENCH_ROUNDS alternating rounds (a b c d e f a b c d e f ...); the table shows the
@@ -639,6 +640,99 @@ done
 read -r _ inon ierr < <(echo "$IDLE_WRK" | sed -E 's/.*requests=([0-9]+) non2xx=([0-9-]+) sockerr=([0-9-]+).*/\1 \2 \3/')
 if [ "${inon:-0}" != 0 ] || [ "${ierr:-0}" != 0 ]; then problems+=("idle test wrk: $inon non-2xx, $ierr socket errors"); fi
 
+
+# ---------------------------------------------------------------- TLS rows
+# tls_rows: the proxy over rediss:// beside plain TCP, all-miss and hits, in
+# alternating rounds against one redis-server that serves both a plain and a
+# TLS port (certificates made here with openssl). Prints its own table and
+# the miss cost of TLS. BENCH_TLS=0 skips it.
+tls_rows() {
+  if [ "${BENCH_TLS:-1}" = 0 ]; then return 0; fi
+  if ! command -v openssl >/dev/null 2>&1; then
+    echo "TLS rows: openssl not found, skipped"
+    return 0
+  fi
+  local d="$tmp/tls" t r line n c0 c1 rc0 rc1 pid port
+  mkdir -p "$d"
+  openssl req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN=bench-ca \
+    -keyout "$d/ca.key" -out "$d/ca.pem" 2>>"$d/openssl.log"
+  openssl req -newkey rsa:2048 -nodes -subj /CN=localhost \
+    -keyout "$d/server.key" -out "$d/server.csr" 2>>"$d/openssl.log"
+  printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\n' >"$d/san.ext"
+  openssl x509 -req -in "$d/server.csr" -CA "$d/ca.pem" -CAkey "$d/ca.key" -CAcreateserial \
+    -days 1 -extfile "$d/san.ext" -out "$d/server.pem" 2>>"$d/openssl.log"
+  local ports
+  read -r -a ports < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(6)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+  local p_redis=${ports[0]} p_tls=${ports[1]}
+  redis-server --bind 127.0.0.1 --port "$p_redis" --tls-port "$p_tls" \
+    --tls-cert-file "$d/server.pem" --tls-key-file "$d/server.key" --tls-ca-cert-file "$d/ca.pem" \
+    --tls-auth-clients no --maxclients 20000 --daemonize no --logfile "$d/redis.log" --save "" &
+  local rpid=$!
+  pids+=("$rpid")
+  wait_up "redis-server (TLS)" "$rpid" "$d/redis.log" redis-cli -p "$p_redis" ping
+  redis-cli -h 127.0.0.1 -p "$p_redis" --pipe <"$tmp/seed.resp" >"$d/seed.log"
+  # plain miss, TLS miss, plain hits, TLS hits: same redis-server, same settings.
+  local names=(tcp-miss tls-miss tcp-hit tls-hit)
+  local -A TP TPID_ TS TCPU TRCPU TREQ
+  local i=2
+  for t in "${names[@]}"; do
+    TP[$t]=${ports[$i]}
+    i=$((i + 1))
+    local url="redis://127.0.0.1:$p_redis/0" cap=1000000 extra=()
+    case $t in tls-*) url="rediss://127.0.0.1:$p_tls/0" extra=(REDIS_TLS_CA_FILE="$d/ca.pem") ;; esac
+    case $t in *-miss) cap=0 ;; esac
+    env REDIS_URL="$url" PROXY_HOST=127.0.0.1 PROXY_PORT="${TP[$t]}" CACHE_CAPACITY=$cap \
+      PROXY_SHUTDOWN_GRACE_MS=200 "${extra[@]}" "$PROXY" >"$d/$t.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    TPID_[$t]=$pid
+    wait_up "proxy $t" "$pid" "$d/$t.log" curl -sf "http://127.0.0.1:${TP[$t]}/key:0"
+    TCPU[$t]=0 TRCPU[$t]=0 TREQ[$t]=0
+    run_wrk "$d/warm-$t.txt" "http://127.0.0.1:${TP[$t]}" / "" 1s "$CONNS" >/dev/null
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    for t in "${names[@]}"; do
+      pid=${TPID_[$t]}
+      alive "$pid" || { say "TLS round $r $t: not running, skipped"; continue; }
+      c0=$(cpu_ticks "$pid") rc0=$(cpu_ticks "$rpid")
+      line=$(run_wrk "$d/wrk-$t-$r.txt" "http://127.0.0.1:${TP[$t]}" / "" "$DURATION" "$CONNS")
+      c1=$(cpu_ticks "$pid") rc1=$(cpu_ticks "$rpid")
+      n=$(printf '%s' "$line" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
+      TCPU[$t]=$((TCPU[$t] + c1 - c0)) TRCPU[$t]=$((TRCPU[$t] + rc1 - rc0)) TREQ[$t]=$((TREQ[$t] + ${n:-0}))
+      TS[$t]+="$line"$'\n'
+      say "TLS round $r $t: ${line#BENCH }"
+    done
+  done
+  echo
+  echo "TLS to Redis (rediss://, rustls, TLS 1.3) beside plain TCP; one redis-server, $ROUNDS alternating rounds, mean shown:"
+  printf '%-24s %10s %9s %9s %8s %10s %10s\n' target "req/s" "p50 ms" "p99 ms" non2xx "cpu us/req" "redis us/r"
+  local -A TR
+  for t in "${names[@]}"; do
+    local rps p50 p99 non
+    read -r rps p50 p99 non < <(printf '%s' "${TS[$t]:-}" | awk '/^BENCH/ {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        k++; a += v["rps"]; b += v["p50_us"]; c += v["p99_us"]; e += v["non2xx"] + v["sockerr"] }
+      END { if (k) printf "%.0f %.3f %.3f %d\n", a/k, b/k/1000, c/k/1000, e; else print "0 0 0 0" }')
+    TR[$t]=$rps
+    TR[$t.cpu]=$(us_per_req "${TCPU[$t]}" "${TREQ[$t]}")
+    printf '%-24s %10s %9s %9s %8s %10s %10s\n' "proxy $t" "$rps" "$p50" "$p99" "$non" "${TR[$t.cpu]}" \
+      "$(us_per_req "${TRCPU[$t]}" "${TREQ[$t]}")"
+  done
+  awk -v tm="${TR[tcp-miss]}" -v sm="${TR[tls-miss]}" -v th="${TR[tcp-hit]}" -v sh="${TR[tls-hit]}" \
+    -v tc="${TR[tcp-miss.cpu]}" -v sc="${TR[tls-miss.cpu]}" 'BEGIN {
+      if (tm > 0 && th > 0) printf "   TLS miss cost: %.1f%% fewer req/s all-miss (%+.2f us proxy CPU per request); hits %.2fx of plain (should be ~1)\n",
+        (1 - sm / tm) * 100, sc - tc, sh / th }'
+  for t in "${names[@]}"; do
+    if grep -qE 'panick|ERROR|WARN' "$d/$t.log"; then
+      echo "   proxy $t log: $(grep -E 'panick|ERROR|WARN' "$d/$t.log" | head -2 | tr '\n' ' ')"
+    fi
+  done
+}
+
 # ---------------------------------------------------------------- summary
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
 verdict() { # value op target
@@ -745,3 +839,4 @@ verdict() { # value op target
     printf '   - %s\n' "${problems[@]}"
   fi
 } | tee "$tmp/summary.txt"
+tls_rows | tee -a "$tmp/summary.txt"

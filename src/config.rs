@@ -278,7 +278,12 @@ pub struct Config {
     pub redis_sentinel_master: Option<String>,
 
     /// Password for the Sentinels themselves (the master's comes from REDIS_URL).
-    #[arg(long, env = "REDIS_SENTINEL_PASSWORD", value_name = "PASSWORD")]
+    #[arg(
+        long,
+        env = "REDIS_SENTINEL_PASSWORD",
+        value_name = "PASSWORD",
+        hide_env_values = true
+    )]
     pub redis_sentinel_password: Option<String>,
 }
 
@@ -451,7 +456,10 @@ impl Config {
 
     /// Checks what flag parsing cannot: the Redis URL and port clashes.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        self.tls()?;
+        if self.tls_settings_given() {
+            // A file named is a file meant, also with redis://.
+            self.tls()?;
+        }
         self.redis_target()?;
         self.sentinel()?;
         if self.resp_port == Some(self.port) {
@@ -509,9 +517,17 @@ impl Config {
         }
     }
 
+    /// Whether any `REDIS_TLS_*` setting is given.
+    pub fn tls_settings_given(&self) -> bool {
+        self.redis_tls_ca_file.is_some()
+            || self.redis_tls_cert_file.is_some()
+            || self.redis_tls_key_file.is_some()
+            || self.redis_tls_server_name.is_some()
+            || self.redis_tls_insecure
+    }
+
     /// The TLS client configuration from the `REDIS_TLS_*` settings, every
-    /// file read and checked (also when `REDIS_URL` is not `rediss://`: a
-    /// file named is a file meant).
+    /// file read and checked.
     pub fn tls(&self) -> Result<Tls, ConfigError> {
         Tls::load(&TlsOptions {
             ca_file: self.redis_tls_ca_file.as_deref(),

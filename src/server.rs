@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use may::coroutine::JoinHandle;
 
+use crate::backend::sentinel::Master;
 use crate::backend::{Backend, BackendOptions};
 use crate::cache::{Cache, Limits, SystemClock};
 use crate::clients::Clients;
@@ -86,15 +87,22 @@ pub fn start(config: &Config) -> io::Result<Server> {
             metrics.clone(),
         )
     });
+    if target.tls.is_none() && config.tls_settings_given() {
+        log::warn!("REDIS_TLS_* settings are not used: REDIS_URL is not rediss://");
+    }
     if target.tls.as_ref().is_some_and(|tls| tls.insecure()) {
         log::warn!(
             "REDIS_TLS_INSECURE: the Redis server's certificate is not verified; \
              anyone on the path can pose as Redis"
         );
     }
-    let sentinel = config
+    let master = config
         .sentinel()
-        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?
+        .map(Master::new);
+    if let (Some(tracking), Some(master)) = (&tracking, &master) {
+        tracking.follow(master.clone());
+    }
     let seeds = config
         .redis_seeds()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -104,7 +112,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
             connections: workers,
             timeout: config.redis_timeout(),
             freshness,
-            sentinel,
+            master,
         },
         seeds,
         config.redis_cluster,
@@ -117,9 +125,6 @@ pub fn start(config: &Config) -> io::Result<Server> {
             "CACHE_INVALIDATION=tracking is not supported in front of a Redis Cluster yet: \
              use CACHE_INVALIDATION=off (entries then live until CACHE_TTL_MS)",
         ));
-    }
-    if let (Some(tracking), Some(master)) = (&tracking, backend.master()) {
-        tracking.follow(master);
     }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {

@@ -12,7 +12,9 @@
 //! The connection opens through the backend's one connect path over a std
 //! socket on a thread of its own: it spends its life blocked in a read, which
 //! on a may worker would need a coroutine and would gain nothing, and its
-//! reconnect backoff can sleep without freezing a worker.
+//! reconnect backoff can sleep without freezing a worker. It speaks TLS when
+//! the target does, and with Sentinel it connects wherever the master is now
+//! and reconnects when it moves.
 
 use std::io::Write;
 use std::net::TcpStream;

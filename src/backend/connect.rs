@@ -387,4 +387,37 @@ mod tests {
         assert_eq!(got.err(), Some(ConnectError::Stalled));
         drop(listener);
     }
+
+    /// A TLS handshake that gets no answer is bounded by the timeout too:
+    /// [`ConnectError::Stalled`], as for a plain handshake.
+    #[test]
+    fn silent_server_stalls_the_tls_handshake() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t = target(None, 0);
+        t.port = listener.local_addr().unwrap().port();
+        t.tls = Some(tls::Tls::load(&tls::TlsOptions::default()).unwrap());
+        let got = connect::<std::net::TcpStream>(&t, Duration::from_millis(100), &[], 0);
+        assert_eq!(got.err(), Some(ConnectError::Stalled));
+        drop(listener);
+    }
+
+    /// A server that is not TLS at all fails the handshake with a reason.
+    #[test]
+    fn plain_server_fails_the_tls_handshake() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let mut t = target(None, 0);
+        t.port = listener.local_addr().unwrap().port();
+        t.tls = Some(tls::Tls::load(&tls::TlsOptions::default()).unwrap());
+        let server = std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            let mut buf = [0u8; 1024];
+            let _ = s.read(&mut buf);
+            s.write_all(b"-ERR unknown command\r\n").unwrap();
+        });
+        match connect::<std::net::TcpStream>(&t, Duration::from_secs(2), &[], 0).err() {
+            Some(ConnectError::Unreachable(why)) => assert!(why.contains("TLS"), "{why}"),
+            other => panic!("expected a failed TLS handshake, got {other:?}"),
+        }
+        server.join().unwrap();
+    }
 }

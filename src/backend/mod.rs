@@ -15,7 +15,9 @@
 //!   watcher and command learner (std sockets) alike.
 //! - `tls`: the rustls client configuration of `rediss://`.
 //! - `sentinel`: where the master is (Sentinel-found), and the watcher
-//!   thread that follows it.
+//!   thread that follows it. With Sentinel the topology stays one node whose
+//!   address moves: every connection reads it from
+//!   [`BackendOptions::master`] when it connects.
 //! - `node`: one node's per-worker pipelined connections (I/O coroutines);
 //!   a second, RESP3 set opened on first use; raw relay jobs ([`Pass`]).
 //! - `commands`: what Redis serves ([`CommandTable`]), learned from its own
@@ -31,7 +33,7 @@ mod cluster;
 pub mod commands;
 pub(crate) mod connect;
 mod node;
-pub(crate) mod sentinel;
+pub mod sentinel;
 pub mod slot;
 pub mod tls;
 mod topology;
@@ -44,7 +46,7 @@ use std::time::Duration;
 use redis::Value;
 
 use crate::coherence::Freshness;
-use crate::config::{RedisTarget, SentinelTarget};
+use crate::config::RedisTarget;
 
 pub use cluster::{NodeGauges, Redirect};
 pub use commands::CommandTable;
@@ -255,16 +257,16 @@ pub struct BackendOptions {
     pub timeout: Duration,
     /// Where data links report what freshness depends on (tracking only).
     pub freshness: Option<Arc<dyn Freshness>>,
-    /// Find the master through these Sentinels (`target` then gives only
-    /// credentials, db and TLS).
-    pub sentinel: Option<SentinelTarget>,
+    /// With Sentinel: where the master is now, shared by every connection
+    /// (`target` then gives only credentials, db and TLS); its watcher
+    /// starts with the backend.
+    pub master: Option<Arc<sentinel::Master>>,
 }
 
 /// The backing Redis.
 pub struct Backend {
     topology: Topology,
     stats: Arc<BackendStats>,
-    master: Option<Arc<sentinel::Master>>,
     commands: Arc<Learner>,
 }
 
@@ -273,19 +275,13 @@ impl Backend {
     /// request, so a dead Redis does not stop the proxy starting.
     pub fn start(options: BackendOptions) -> Backend {
         let stats = Arc::new(BackendStats::default());
-        let master = options
-            .sentinel
-            .as_ref()
-            .map(|sentinel| sentinel::watch(sentinel, &options, stats.clone()));
-        let topology = match &master {
-            None => Topology::single(&options, stats.clone()),
-            Some(master) => Topology::sentinel(&options, stats.clone(), master.clone()),
-        };
+        if let Some(master) = &options.master {
+            sentinel::watch(master, &options, stats.clone());
+        }
         Backend {
-            topology,
+            topology: Topology::single(&options, stats.clone()),
             stats,
-            commands: Learner::start(learn_from(&options, master.clone()), options.timeout),
-            master,
+            commands: Learner::start(learn_from(&options), options.timeout),
         }
     }
 
@@ -301,7 +297,7 @@ impl Backend {
     ) -> Backend {
         // A Sentinel-found master is one Redis, never a cluster.
         let cluster = match mode {
-            _ if options.sentinel.is_some() => false,
+            _ if options.master.is_some() => false,
             ClusterMode::On => true,
             ClusterMode::Off => false,
             ClusterMode::Auto => cluster::detect(&seeds, options.timeout).unwrap_or_else(|| {
@@ -322,7 +318,6 @@ impl Backend {
             commands: Learner::start(Box::new(move || learn_seeds.clone()), options.timeout),
             topology: Topology::cluster(&options, seeds, stats.clone()),
             stats,
-            master: None,
         }
     }
 
@@ -416,11 +411,6 @@ impl Backend {
                 other => other,
             })
             .collect()
-    }
-
-    /// Where the master is, with Sentinel (the invalidation listener follows it too).
-    pub(crate) fn master(&self) -> Option<Arc<sentinel::Master>> {
-        self.master.clone()
     }
 
     fn count_reply_error<T>(&self, r: Result<T, BackendError>) -> Result<T, BackendError> {
@@ -550,12 +540,9 @@ impl Redis for Backend {
 
 /// Where the command table is learned: the one Redis, or wherever
 /// Sentinel last found the master.
-fn learn_from(
-    options: &BackendOptions,
-    master: Option<Arc<sentinel::Master>>,
-) -> commands::Targets {
+fn learn_from(options: &BackendOptions) -> commands::Targets {
     let base = options.target.clone();
-    match master {
+    match options.master.clone() {
         None => Box::new(move || vec![base.clone()]),
         Some(master) => {
             Box::new(move || master.target(&base).map(|(t, _)| t).into_iter().collect())

@@ -21,6 +21,12 @@
 //! on (sent ahead of the next batch whenever the listener's id changed) and
 //! reports a reopened link and a failed `CLIENT TRACKING` into the
 //! [`Freshness`] state; that is all it knows of coherence.
+//!
+//! A link is a `connect::DataStream`, plain TCP or TLS, read the same way.
+//! With Sentinel the node's address can change: a connection takes it from
+//! the shared `sentinel::Master` when it connects, drops a link opened at an
+//! older address before its next batch, and reports what suggests the
+//! address is stale (a lost link, a failed connect, `-READONLY`).
 
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -32,7 +38,6 @@ use may::sync::{mpsc, Blocker};
 use redis::Value;
 
 use super::connect::{connect_speaking, ConnectError, DataStream};
-use super::sentinel::Master;
 use super::{
     bulk_or_nil, server_error_line, BackendError, BackendOptions, BackendStats, GetResult, Pass,
     Protocol,
@@ -174,21 +179,9 @@ pub struct Node {
 impl Node {
     /// Starts one I/O coroutine per connection; each connects on its first job.
     pub(crate) fn start(options: &BackendOptions, stats: Arc<BackendStats>) -> Node {
-        Node::start_at(options, stats, None)
-    }
-
-    /// [`Node::start`] for a node whose address can change: with `master`,
-    /// each connection goes where the Sentinel watcher last found the master,
-    /// and moves when it moves.
-    pub(crate) fn start_at(
-        options: &BackendOptions,
-        stats: Arc<BackendStats>,
-        master: Option<Arc<Master>>,
-    ) -> Node {
         let set = SetOptions {
             options: options.clone(),
             stats,
-            master,
             open: Arc::new(AtomicI64::new(0)),
             warned: Arc::new(Mutex::new(None)),
         };
@@ -302,7 +295,6 @@ impl Node {
 struct SetOptions {
     options: BackendOptions,
     stats: Arc<BackendStats>,
-    master: Option<Arc<Master>>,
     /// Connections open now, both sets together (a gauge per node).
     open: Arc<AtomicI64>,
     warned: Arc<Mutex<Option<String>>>,
@@ -320,7 +312,6 @@ impl SetOptions {
                     IoLoop::new(index, self.options.clone(), self.stats.clone(), up.clone());
                 io.protocol = protocol;
                 io.open = self.open.clone();
-                io.master = self.master.clone();
                 io.warned = self.warned.clone();
                 let builder = may::coroutine::Builder::new()
                     .name(format!("redis-io-{index}"))
@@ -624,9 +615,8 @@ struct IoLoop {
     rng: u64,
     write_buf: Vec<u8>,
     open: Arc<AtomicI64>,
-    /// Where the master is, with Sentinel; the link was opened at its
-    /// `link_generation`.
-    master: Option<Arc<Master>>,
+    /// With Sentinel (`options.master`), the link was opened at this
+    /// generation of the master's address.
     link_generation: u64,
     /// The last connect failure logged for this node: each reason is logged
     /// once for all its connections, not once per connection and attempt.
@@ -659,7 +649,6 @@ impl IoLoop {
             rng: seed | 1,
             write_buf: Vec::with_capacity(16 * 1024),
             open: Arc::default(),
-            master: None,
             link_generation: 0,
             warned: Arc::new(Mutex::new(None)),
             protocol: 2,
@@ -812,7 +801,7 @@ impl IoLoop {
             match answer {
                 Ok(Answer::Values(values)) if values.iter().any(is_readonly) => {
                     // A master that became a replica: ask Sentinel again.
-                    if let Some(master) = &self.master {
+                    if let Some(master) = &self.options.master {
                         master.suspect("a READONLY reply");
                     }
                     job.answer(Ok(Answer::Values(values)))
@@ -900,11 +889,7 @@ impl IoLoop {
                 }
                 self.stats.links_opened.fetch_add(1, Ordering::Relaxed);
                 if !self.up.swap(true, Ordering::Relaxed) || self.retry_at.is_some() {
-                    log::info!(
-                        "redis connection {} up ({})",
-                        self.index,
-                        self.options.target
-                    );
+                    log::info!("redis connection {} up ({})", self.index, self.target_now());
                 }
                 if self.connected_before {
                     // Redis dropped what it tracked for the old connection.
@@ -920,17 +905,18 @@ impl IoLoop {
                 Ok(())
             }
             Err(why) => {
-                if let Some(master) = &self.master {
+                if let Some(master) = &self.options.master {
                     master.suspect("a failed connect");
                 }
+                let reason = why.to_string();
                 let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
-                if self.retry_at.is_none() && warned.as_deref() != Some(why.to_string().as_str()) {
+                if self.retry_at.is_none() && warned.as_deref() != Some(reason.as_str()) {
+                    let target = self.target_now();
                     log::warn!(
-                        "redis connection {} to {} failed: {why}",
-                        self.index,
-                        self.options.target
+                        "redis connection {} to {target} failed: {reason}",
+                        self.index
                     );
-                    *warned = Some(why.to_string());
+                    *warned = Some(reason);
                 }
                 drop(warned);
                 self.up.store(false, Ordering::Relaxed);
@@ -947,9 +933,20 @@ impl IoLoop {
         }
     }
 
+    /// Where this connection goes, for log lines (with Sentinel, the
+    /// master's address now, not `REDIS_URL`'s).
+    fn target_now(&self) -> String {
+        match &self.options.master {
+            None => self.options.target.to_string(),
+            Some(master) => master
+                .target(&self.options.target)
+                .map_or("the master (not found yet)".into(), |(t, _)| t.to_string()),
+        }
+    }
+
     fn connect(&mut self) -> Result<Link, ConnectError> {
         let timeout = self.options.timeout;
-        let target = match &self.master {
+        let target = match &self.options.master {
             None => self.options.target.clone(),
             Some(master) => {
                 let (target, generation) =
@@ -978,7 +975,7 @@ impl IoLoop {
     fn drop_link(&mut self, why: &str) {
         if self.link.take().is_some() {
             log::debug!("redis connection {} dropped: {why}", self.index);
-            if let Some(master) = &self.master {
+            if let Some(master) = &self.options.master {
                 master.suspect("a lost connection");
             }
         }
@@ -987,7 +984,7 @@ impl IoLoop {
     /// With Sentinel: a link to where the master was is dropped once it
     /// moved, and a pending reconnect goes at once to where it is now.
     fn follow_master(&mut self) {
-        let Some(master) = &self.master else {
+        let Some(master) = &self.options.master else {
             return;
         };
         if master.generation() == self.link_generation {

@@ -4,8 +4,8 @@
 //! Owns the [`Master`] state (where the master is now) and the watcher, a
 //! std thread like the invalidation listener: it spends its life blocked in
 //! reads and in short connects that would freeze a may worker. The data
-//! links only read [`Master::target`] when they connect and report trouble
-//! with [`Master::suspect`]; credentials, db and TLS come from `REDIS_URL`
+//! links only read `Master::target` when they connect and report trouble
+//! with `Master::suspect`; credentials, db and TLS come from `REDIS_URL`
 //! (TLS also for the Sentinels, with `REDIS_SENTINEL_PASSWORD`).
 //!
 //! # States
@@ -16,13 +16,14 @@
 //!
 //! Events: `+switch-master` on the subscribed Sentinel (its new address,
 //! confirmed with `ROLE`), or a suspicion (a lost data link, a failed
-//! connect, a `-READONLY` reply, every [`RECHECK`]) that makes the watcher
-//! ask the Sentinels again, each in turn, within [`POLL`]. A move to another
+//! connect, a `-READONLY` reply, every `RECHECK`) that makes the watcher
+//! ask the Sentinels again, each in turn, within `POLL`. A move to another
 //! address bumps `g`, counts in `redis_failovers_total` and, with tracking,
 //! empties the cache (reported into the freshness state): the new master
 //! tracks nothing for this proxy yet. Cached keys keep being served
 //! throughout otherwise.
 
+use std::fmt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread;
@@ -48,8 +49,16 @@ const PING_EVERY: Duration = Duration::from_secs(1);
 
 type StdSocket = std::net::TcpStream;
 
-/// Where the master is, shared by the watcher and the data links.
-pub(crate) struct Master {
+/// A host and port.
+type Addr = (String, u16);
+
+/// Where the master is, shared by the watcher and the data links (which
+/// find it in [`BackendOptions::master`](super::BackendOptions)).
+pub struct Master {
+    /// The Sentinels and the master's name.
+    sentinel: SentinelTarget,
+    /// Set once the watcher runs (one per `Master`).
+    watching: AtomicBool,
     name: String,
     /// The address and its generation, changed together.
     at: Mutex<Option<(String, u16)>>,
@@ -58,14 +67,27 @@ pub(crate) struct Master {
     suspect: AtomicBool,
 }
 
+impl fmt::Debug for Master {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Master")
+            .field("sentinel", &self.sentinel)
+            .field("at", &self.at)
+            .finish()
+    }
+}
+
 impl Master {
-    fn new(name: &str) -> Master {
-        Master {
-            name: name.to_string(),
+    /// The state for finding `sentinel.master`: unknown until the watcher,
+    /// started by `Backend::start`, finds it.
+    pub fn new(sentinel: SentinelTarget) -> Arc<Master> {
+        Arc::new(Master {
+            name: sentinel.master.clone(),
+            sentinel,
+            watching: AtomicBool::new(false),
             at: Mutex::new(None),
             generation: AtomicU64::new(0),
             suspect: AtomicBool::new(true),
-        }
+        })
     }
 
     /// `base` (credentials, db, TLS) at the master's address now, and the
@@ -109,13 +131,24 @@ impl Master {
     }
 }
 
-/// Starts the watcher for `sentinel` and returns the state it keeps.
-pub(crate) fn watch(
-    sentinel: &SentinelTarget,
-    options: &BackendOptions,
-    stats: Arc<BackendStats>,
-) -> Arc<Master> {
-    let master = Arc::new(Master::new(&sentinel.master));
+/// Starts the watcher thread of `master` (once; later calls do nothing),
+/// connecting as `options` says (credentials, db, TLS, timeout).
+pub(crate) fn watch(master: &Arc<Master>, options: &BackendOptions, stats: Arc<BackendStats>) {
+    if master.watching.swap(true, Ordering::SeqCst) {
+        return;
+    }
+    let sentinel = &master.sentinel;
+    let list: Vec<String> = sentinel
+        .sentinels
+        .iter()
+        .map(|(host, port)| format!("{host}:{port}"))
+        .collect();
+    log::info!(
+        "finding master {} through Sentinel {} (REDIS_URL gives credentials, db and TLS; \
+         its host and port are not used)",
+        sentinel.master,
+        list.join(",")
+    );
     let mut watcher = Watcher {
         sentinel: sentinel.clone(),
         base: options.target.clone(),
@@ -125,12 +158,12 @@ pub(crate) fn watch(
         freshness: options.freshness.clone(),
         next: 0,
         warned: None,
+        replicas: Vec::new(),
     };
     thread::Builder::new()
         .name("redis-sentinel".into())
         .spawn(move || watcher.run())
         .expect("spawn Sentinel watcher thread");
-    master
 }
 
 /// An open `SUBSCRIBE +switch-master` on one Sentinel.
@@ -153,6 +186,8 @@ struct Watcher {
     next: usize,
     /// The last problem logged, so each is logged once, not every [`POLL`].
     warned: Option<String>,
+    /// The master's replicas, as a Sentinel last listed them.
+    replicas: Vec<(String, u16)>,
 }
 
 impl Watcher {
@@ -165,9 +200,9 @@ impl Watcher {
             if due {
                 checked = Instant::now();
                 match self.resolve() {
-                    Ok((host, port)) => {
+                    Ok(((host, port), how)) => {
                         self.warned = None;
-                        self.moved(&host, port, "Sentinel");
+                        self.moved(&host, port, how);
                     }
                     Err(why) => {
                         self.warn(format!(
@@ -252,40 +287,64 @@ impl Watcher {
 
     /// Asks each Sentinel in turn, from the last that answered, and
     /// confirms the address it gives with `ROLE`.
-    fn resolve(&mut self) -> Result<(String, u16), String> {
+    fn resolve(&mut self) -> Result<(Addr, &'static str), String> {
         let count = self.sentinel.sentinels.len();
         let mut errors = Vec::new();
         for i in 0..count {
             let index = (self.next + i) % count;
             let at = self.describe(index);
             match self.ask(index) {
-                Ok(Some((host, port))) => match self.confirm(&host, port) {
-                    Ok(()) => {
-                        self.next = index;
-                        return Ok((host, port));
+                Ok((Some((host, port)), replicas)) => {
+                    if !replicas.is_empty() {
+                        self.replicas = replicas;
                     }
-                    Err(why) => errors.push(format!("{at} names {host}:{port}, but {why}")),
-                },
-                Ok(None) => errors.push(format!(
+                    match self.confirm(&host, port) {
+                        Ok(()) => {
+                            self.next = index;
+                            return Ok(((host, port), "Sentinel"));
+                        }
+                        Err(why) => errors.push(format!("{at} names {host}:{port}, but {why}")),
+                    }
+                }
+                Ok((None, _)) => errors.push(format!(
                     "{at} knows no master named {:?}",
                     self.sentinel.master
                 )),
                 Err(why) => errors.push(format!("{at}: {why}")),
             }
         }
+        // Sentinel names a promoted replica only once it has seen the
+        // promotion in that replica's INFO, up to a second later: a replica
+        // it listed that already answers ROLE master is where it is about to
+        // point (the check HAProxy setups make). Only while what Sentinel
+        // names is not a reachable master.
+        for (host, port) in self.replicas.clone() {
+            if self.confirm(&host, port).is_ok() {
+                return Ok((
+                    (host, port),
+                    "a replica Sentinel listed says ROLE master, ahead of Sentinel's announcement",
+                ));
+            }
+        }
         Err(errors.join("; "))
     }
 
-    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` on Sentinel `index`.
-    fn ask(&self, index: usize) -> Result<Option<(String, u16)>, String> {
-        let cmd = redis::cmd("SENTINEL")
+    /// `SENTINEL GET-MASTER-ADDR-BY-NAME` on Sentinel `index`, and the
+    /// replicas it knows (`SENTINEL REPLICAS`, in the same round trip).
+    fn ask(&self, index: usize) -> Result<(Option<Addr>, Vec<Addr>), String> {
+        let mut cmd = redis::cmd("SENTINEL")
             .arg("GET-MASTER-ADDR-BY-NAME")
             .arg(&self.sentinel.master)
             .get_packed_command();
+        redis::cmd("SENTINEL")
+            .arg("REPLICAS")
+            .arg(&self.sentinel.master)
+            .write_packed_command(&mut cmd);
         let (_, mut replies) =
-            connect::<StdSocket>(&self.sentinel_target(index), self.timeout, &cmd, 1)
+            connect::<StdSocket>(&self.sentinel_target(index), self.timeout, &cmd, 2)
                 .map_err(|e| e.to_string())?;
-        match replies.pop() {
+        let replicas = replies.pop().map(replica_addresses).unwrap_or_default();
+        let master = match replies.pop() {
             Some(Value::Nil) => Ok(None),
             Some(Value::Array(parts)) => match parts.as_slice() {
                 [Value::BulkString(host), Value::BulkString(port)] => {
@@ -300,7 +359,8 @@ impl Watcher {
             },
             Some(Value::ServerError(err)) => Err(server_error_line(&err)),
             other => Err(format!("an unexpected answer: {other:?}")),
-        }
+        }?;
+        Ok((master, replicas))
     }
 
     /// `ROLE` at `host:port` (with `REDIS_URL`'s credentials) says `master`.
@@ -403,6 +463,37 @@ impl Watcher {
     }
 }
 
+/// The `ip` and `port` of each replica in a `SENTINEL REPLICAS` reply (a
+/// list of flat field-value lists; maps in RESP3).
+fn replica_addresses(value: Value) -> Vec<(String, u16)> {
+    let Value::Array(replicas) = value else {
+        return Vec::new();
+    };
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    replicas
+        .iter()
+        .filter_map(|replica| {
+            let fields: Vec<(String, String)> = match replica {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|kv| Some((text(kv.first()?)?, text(kv.get(1)?)?)))
+                    .collect(),
+                Value::Map(pairs) => pairs
+                    .iter()
+                    .filter_map(|(k, v)| Some((text(k)?, text(v)?)))
+                    .collect(),
+                _ => return None,
+            };
+            let field = |name: &str| fields.iter().find(|(k, _)| k == name).map(|(_, v)| v);
+            Some((field("ip")?.clone(), field("port")?.parse().ok()?))
+        })
+        .collect()
+}
+
 /// The new address in a `+switch-master` message for `name`:
 /// `["message", "+switch-master", "<name> <old ip> <old port> <new ip> <new port>"]`.
 fn switch_master(value: &Value, name: &str) -> Option<(String, u16)> {
@@ -444,7 +535,11 @@ mod tests {
     /// keeps the URL's credentials and db; the same address is no move.
     #[test]
     fn master_moves_bump_the_generation() {
-        let m = Master::new("mymaster");
+        let m = Master::new(SentinelTarget {
+            sentinels: vec![("127.0.0.1".into(), 26379)],
+            master: "mymaster".into(),
+            password: None,
+        });
         assert!(m.target(&base()).is_none());
         assert_eq!(m.set("10.0.0.1", 6379), Some(None));
         let (t, g1) = m.target(&base()).unwrap();
@@ -459,6 +554,28 @@ mod tests {
             Some(Some(("10.0.0.1".into(), 6379)))
         );
         assert_eq!(m.generation(), 2);
+    }
+
+    /// Replica addresses come out of `SENTINEL REPLICAS`' field lists.
+    #[test]
+    fn replica_addresses_from_sentinel_replicas() {
+        let bulk = |s: &str| Value::BulkString(s.as_bytes().to_vec());
+        let reply = Value::Array(vec![
+            Value::Array(vec![
+                bulk("name"),
+                bulk("127.0.0.1:6380"),
+                bulk("ip"),
+                bulk("127.0.0.1"),
+                bulk("port"),
+                bulk("6380"),
+            ]),
+            Value::Array(vec![bulk("ip"), bulk("10.0.0.2")]),
+        ]);
+        assert_eq!(
+            replica_addresses(reply),
+            vec![("127.0.0.1".to_string(), 6380)]
+        );
+        assert!(replica_addresses(Value::Nil).is_empty());
     }
 
     /// Only a `+switch-master` for our master's name moves it.

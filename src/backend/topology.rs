@@ -10,7 +10,6 @@ use std::sync::Arc;
 
 use super::cluster::{Cluster, Redirect};
 use super::node::Node;
-use super::sentinel::Master;
 use super::slot::slot;
 use super::{BackendError, BackendOptions, BackendStats};
 use crate::config::RedisTarget;
@@ -43,15 +42,6 @@ impl Topology {
         stats: Arc<BackendStats>,
     ) -> Topology {
         Topology::Cluster(Cluster::start(options.clone(), seeds, stats))
-    }
-
-    /// One node wherever Sentinel says the master is (it moves with it).
-    pub(crate) fn sentinel(
-        options: &BackendOptions,
-        stats: Arc<BackendStats>,
-        master: Arc<Master>,
-    ) -> Topology {
-        Topology::Single(Node::start_at(options, stats, Some(master)))
     }
 
     /// Runs `op` at the node that serves `key`, following a cluster's

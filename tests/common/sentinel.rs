@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
-use super::{free_port, ping, Drain, Redis, DEADLINE, POLL};
+use super::{free_port, Drain, Redis, DEADLINE, POLL};
 
 /// The master's name every test Sentinel monitors.
 pub const MASTER: &str = "mymaster";
@@ -35,6 +35,12 @@ impl Sentinel {
 
     /// [`Sentinel::start`] on a given port.
     pub fn start_on(port: u16, master_port: u16) -> Sentinel {
+        Sentinel::start_with(port, master_port, "")
+    }
+
+    /// [`Sentinel::start_on`] with more lines for sentinel.conf (before the
+    /// `sentinel monitor` line), e.g. TLS settings.
+    pub fn start_with(port: u16, master_port: u16, conf_lines: &str) -> Sentinel {
         let dir = std::env::temp_dir().join(format!(
             "redis-proxy-sentinel-{}-{}",
             std::process::id(),
@@ -45,7 +51,7 @@ impl Sentinel {
         std::fs::write(
             &conf,
             format!(
-                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n\
+                "port {port}\nbind 127.0.0.1\ndaemonize no\ndir {}\n{conf_lines}\n\
                  sentinel monitor {MASTER} 127.0.0.1 {master_port} 1\n\
                  sentinel down-after-milliseconds {MASTER} 1000\n\
                  sentinel failover-timeout {MASTER} 10000\n",
@@ -64,7 +70,7 @@ impl Sentinel {
         let out = Drain::spawn(child.stdout.take().expect("piped stdout"));
         Drain::spawn(child.stderr.take().expect("piped stderr"));
         let end = Instant::now() + DEADLINE;
-        while !ping(port) {
+        while !answers(port) {
             if let Ok(Some(status)) = child.try_wait() {
                 panic!("sentinel exited ({status}): {}", out.text());
             }
@@ -105,6 +111,11 @@ impl Sentinel {
         });
     }
 
+    /// One raw RESP command (as bytes on the wire), its reply as text.
+    pub fn cmd(&self, command: &str) -> String {
+        self.query(command)
+    }
+
     /// One raw command, its reply as text.
     fn query(&self, command: &str) -> String {
         let attempt = || -> std::io::Result<String> {
@@ -127,6 +138,72 @@ impl Drop for Sentinel {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A redis-server in a directory of its own, removed on drop. A replica
+/// (and a master a failover demotes) writes the RDB it syncs to `dump.rdb`
+/// in its dir; in the shared temp dir every later test server would load it.
+pub struct OwnDir {
+    pub redis: Redis,
+    dir: PathBuf,
+}
+
+impl OwnDir {
+    /// Starts a redis-server with `args` in a new directory.
+    pub fn start(args: &[&str]) -> OwnDir {
+        let dir = std::env::temp_dir().join(format!(
+            "redis-proxy-node-{}-{}",
+            std::process::id(),
+            DIRS.fetch_add(1, Ordering::SeqCst)
+        ));
+        std::fs::create_dir_all(&dir).expect("create the server dir");
+        let path = dir.to_string_lossy().into_owned();
+        let mut all = vec!["--dir", path.as_str()];
+        all.extend_from_slice(args);
+        OwnDir {
+            redis: Redis::start_with(&all),
+            dir,
+        }
+    }
+
+    /// A replica of `master`, in its own directory.
+    pub fn replica_of(master: &Redis) -> OwnDir {
+        let port = master.port().to_string();
+        OwnDir::start(&["--replicaof", "127.0.0.1", &port])
+    }
+}
+
+impl std::ops::Deref for OwnDir {
+    type Target = Redis;
+    fn deref(&self) -> &Redis {
+        &self.redis
+    }
+}
+
+impl std::ops::DerefMut for OwnDir {
+    fn deref_mut(&mut self) -> &mut Redis {
+        &mut self.redis
+    }
+}
+
+impl Drop for OwnDir {
+    fn drop(&mut self) {
+        self.redis.stop();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Whether something on `port` answers a PING at all (`+PONG`, or
+/// `-NOAUTH` from a Sentinel with `requirepass`).
+fn answers(port: u16) -> bool {
+    let attempt = || -> std::io::Result<bool> {
+        let mut s = TcpStream::connect(("127.0.0.1", port))?;
+        s.set_read_timeout(Some(Duration::from_secs(1)))?;
+        s.write_all(b"*1\r\n$4\r\nPING\r\n")?;
+        let mut buf = [0u8; 16];
+        Ok(s.read(&mut buf)? > 0)
+    };
+    attempt().unwrap_or(false)
 }
 
 /// Whether the server on `port` says `ROLE` master.
