@@ -36,7 +36,7 @@ use redis::Value;
 use crate::coherence::Freshness;
 use crate::config::RedisTarget;
 
-pub use cluster::{NodeGauges, Redirect};
+pub use cluster::{Listeners, NodeFreshness, NodeGauges, Redirect};
 pub use topology::Topology;
 
 use crate::config::ClusterMode;
@@ -201,10 +201,14 @@ impl Backend {
     /// `INFO cluster` of the first seed that answers. This blocks (on std
     /// sockets) for up to the timeout per seed: call it before serving.
     /// With `Auto` and no seed answering, a single Redis at the first seed.
+    /// With tracking (`options.freshness`), a cluster starts one invalidation
+    /// listener per master through `listeners`; a single Redis leaves its
+    /// listener to the caller.
     pub fn start_with(
         options: BackendOptions,
         seeds: Vec<RedisTarget>,
         mode: ClusterMode,
+        listeners: Option<Listeners>,
     ) -> Backend {
         let cluster = match mode {
             ClusterMode::On => true,
@@ -223,7 +227,7 @@ impl Backend {
         }
         let stats = Arc::new(BackendStats::default());
         Backend {
-            topology: Topology::cluster(&options, seeds, stats.clone()),
+            topology: Topology::cluster(&options, seeds, stats.clone(), listeners),
             stats,
         }
     }
