@@ -26,6 +26,19 @@ pub struct Cluster {
 
 static DIRS: AtomicUsize = AtomicUsize::new(0);
 
+/// Where node dirs go: tmpfs when there is one. Cluster nodes fsync
+/// `nodes.conf` on every slot change; on a disk shared with busy builds an
+/// fsync can stall a node past the proxy's timeout, which is not what these
+/// tests measure.
+fn base_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 impl Cluster {
     /// `masters` masters with `replicas` replicas each, every slot assigned,
     /// every node agreeing (`cluster_state:ok`) and every replica in sync.
@@ -33,7 +46,7 @@ impl Cluster {
         let n = masters * (1 + replicas);
         let members: Vec<Member> = (0..n)
             .map(|_| {
-                let dir = std::env::temp_dir().join(format!(
+                let dir = base_dir().join(format!(
                     "redis-proxy-cluster-{}-{}",
                     std::process::id(),
                     DIRS.fetch_add(1, Ordering::Relaxed)
