@@ -401,7 +401,6 @@ fn failover_under_load() {
         cluster.set(&key, &value);
         keys.push((port, key, value));
     }
-    cluster.wait_replicated(1);
     let (proxy, port) = start_proxy(&cluster, &[("CACHE_MAX_VALUE_BYTES", "64")]);
     let mut http = Http::connect(proxy.port());
     for (_, key, _) in &keys {
@@ -409,6 +408,10 @@ fn failover_under_load() {
     }
     let victim = keys[0].0;
     let replica = cluster.replica_of(victim);
+    poll_until("the replica to hold its master's 16 keys", || {
+        let r = &cluster.member(replica).redis;
+        (r.cmd(&[b"DBSIZE"]) == redis::Value::Int(16)).then_some(())
+    });
     let doomed: Vec<String> = keys
         .iter()
         .filter(|(p, k, _)| *p == victim && k.starts_with("fo-big"))
@@ -431,11 +434,6 @@ fn failover_under_load() {
     thread::sleep(Duration::from_millis(300));
     let promoted = {
         let r = &cluster.member(replica).redis;
-        assert_eq!(
-            r.cmd(&[b"DBSIZE"]),
-            redis::Value::Int(16),
-            "the replica's keys"
-        );
         r.cmd(&[b"CLUSTER", b"FAILOVER", b"TAKEOVER"]);
         poll_until("the replica to become master", || {
             common::cluster::info_section(r, "replication")

@@ -839,6 +839,82 @@ mod tests {
         ])
     }
 
+    /// A shared freshness state that records its transitions.
+    #[derive(Default)]
+    struct Shared {
+        redirect: AtomicI64,
+        events: Mutex<Vec<String>>,
+    }
+
+    impl Freshness for Shared {
+        fn redirect(&self) -> Option<i64> {
+            let id = self.redirect.load(Ordering::SeqCst);
+            (id >= 0).then_some(id)
+        }
+        fn listener_up(&self, id: i64) {
+            self.redirect.store(id, Ordering::SeqCst);
+            lock(&self.events).push("up".into());
+        }
+        fn listener_down(&self) {
+            self.redirect.store(-1, Ordering::SeqCst);
+            lock(&self.events).push("down".into());
+        }
+        fn invalidate(&self, _key: &[u8]) -> bool {
+            true
+        }
+        fn flush(&self) {
+            lock(&self.events).push("flush".into());
+        }
+        fn data_link_reopened(&self, _index: usize) {}
+        fn tracking_failed(&self, _why: &str) {}
+    }
+
+    /// The shared state is up only while every master's listener is up: it
+    /// waits for the last one, goes down (emptying the cache) when one is
+    /// lost, and follows the members when a master leaves the map.
+    #[test]
+    fn tracking_is_up_only_with_every_listener() {
+        let shared = Arc::new(Shared::default());
+        shared.redirect.store(-1, Ordering::SeqCst);
+        let group = Arc::new(TrackGroup {
+            shared: Some(shared.clone() as Arc<dyn Freshness>),
+            members: Mutex::new(HashMap::new()),
+        });
+        let stopped = Arc::new(AtomicI64::new(0));
+        let stopper = |stopped: &Arc<AtomicI64>| {
+            let stopped = stopped.clone();
+            move |_: Arc<dyn Freshness>| -> Box<dyn FnOnce() + Send> {
+                Box::new(move || {
+                    stopped.fetch_add(1, Ordering::SeqCst);
+                })
+            }
+        };
+        let a = group.join(("h".into(), 1), stopper(&stopped));
+        let b = group.join(("h".into(), 2), stopper(&stopped));
+        a.listener_up(10);
+        assert_eq!(shared.redirect(), None, "b is not up yet");
+        assert_eq!(a.redirect(), Some(10));
+        b.listener_up(20);
+        assert!(shared.redirect().is_some());
+        a.listener_down();
+        assert_eq!(shared.redirect(), None);
+        assert_eq!(a.redirect(), None);
+        a.listener_up(11);
+        assert!(shared.redirect().is_some());
+        // A master joining takes the state down until its listener is up.
+        let c = group.join(("h".into(), 3), stopper(&stopped));
+        assert_eq!(shared.redirect(), None);
+        c.listener_up(30);
+        assert!(shared.redirect().is_some());
+        // A master leaving the map: its listener is stopped.
+        c.listener_down();
+        group.retain(&[("h".into(), 1), ("h".into(), 2)]);
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+        assert!(shared.redirect().is_some());
+        let events = lock(&shared.events).join(",");
+        assert_eq!(events, "up,down,up,down,up,down,up");
+    }
+
     /// Redirection lines parse into kind, slot and address; others do not.
     #[test]
     fn redirect_lines() {
