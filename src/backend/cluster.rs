@@ -210,11 +210,7 @@ impl Cluster {
 
     /// The current map.
     pub(crate) fn map(&self) -> Arc<SlotMap> {
-        self.inner
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.map()
     }
 
     /// The master of `slot` in the current map.
@@ -304,6 +300,11 @@ impl Cluster {
 }
 
 impl Inner {
+    /// The current map (the read lock is held only to clone the `Arc`).
+    fn map(&self) -> Arc<SlotMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Wakes the refresher (it refreshes at most once per gap).
     fn want_refresh(&self) {
         if !self.refresh_wanted.swap(true, Ordering::AcqRel) {
@@ -350,7 +351,7 @@ impl Inner {
     /// when none answered.
     fn refresh(&self) -> bool {
         self.stats.cluster_refreshes.fetch_add(1, Ordering::Relaxed);
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let map = self.map();
         let mut candidates: Vec<RedisTarget> = Vec::new();
         let mut add = |t: RedisTarget| {
             if !candidates
@@ -611,12 +612,6 @@ fn refresh_loop(inner: Weak<Inner>) {
         inner.refresh_wanted.store(false, Ordering::Release);
         last = Instant::now();
         inner.refresh();
-    }
-}
-
-impl Inner {
-    fn map(&self) -> Arc<SlotMap> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
