@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use may::coroutine::JoinHandle;
 
 use crate::backend::sentinel::Master;
-use crate::backend::{Backend, BackendOptions};
+use crate::backend::{Backend, BackendOptions, Listeners};
 use crate::cache::{Cache, Limits, SystemClock};
 use crate::clients::Clients;
 use crate::coherence::{Coherence, Freshness};
@@ -79,7 +79,7 @@ pub fn start(config: &Config) -> io::Result<Server> {
     let tracked = config.cache_invalidation == Invalidation::Tracking;
     let coherence = Arc::new(Coherence::new(cache, metrics.clone(), tracked));
     let freshness = tracked.then(|| coherence.clone() as Arc<dyn Freshness>);
-    let tracking = freshness.clone().map(|freshness| {
+    let mut tracking = freshness.clone().map(|freshness| {
         Tracking::new(
             target.clone(),
             config.redis_timeout(),
@@ -103,6 +103,15 @@ pub fn start(config: &Config) -> io::Result<Server> {
     if let (Some(tracking), Some(master)) = (&tracking, &master) {
         tracking.follow(master.clone());
     }
+    // In a cluster, one listener per master, started by the backend.
+    let listeners: Listeners = {
+        let (timeout, metrics) = (config.redis_timeout(), metrics.clone());
+        Arc::new(move |target, freshness| {
+            let listener = Tracking::new(target, timeout, freshness, metrics.clone());
+            listener.spawn();
+            Box::new(move || listener.stop())
+        })
+    };
     let seeds = config
         .redis_seeds()
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidInput, e.to_string()))?;
@@ -116,15 +125,10 @@ pub fn start(config: &Config) -> io::Result<Server> {
         },
         seeds,
         config.redis_cluster,
+        Some(listeners),
     );
-    if tracked && backend.is_cluster() {
-        // One invalidation connection per master is not built yet; tracking
-        // through one node would leave the other masters' keys unwatched.
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "CACHE_INVALIDATION=tracking is not supported in front of a Redis Cluster yet: \
-             use CACHE_INVALIDATION=off (entries then live until CACHE_TTL_MS)",
-        ));
+    if backend.is_cluster() {
+        tracking = None;
     }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));
     if let Some(tracking) = &tracking {

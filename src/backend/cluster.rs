@@ -21,6 +21,18 @@
 //!   incomplete). Each asks the nodes it knows, last good one first, then the
 //!   masters, the replicas and the seeds, over a short-lived std socket (the
 //!   thread may block; no may worker does), and swaps in the new map.
+//!
+//! # Tracking (`CACHE_INVALIDATION=tracking`)
+//! Each master gets its own invalidation listener (started through the
+//! [`Listeners`] the wiring hands in) and its own [`NodeFreshness`]: the
+//! node's data connections redirect their tracking to that listener's id.
+//! The shared freshness state is `Up` only while every master's listener is
+//! up (`TrackGroup::settle`); one listener lost, or a master added whose
+//! listener is not up yet, turns it `Down` (and empties the cache), as the
+//! one listener of a single Redis does. A map in which some slot changed
+//! master empties the whole cache: the new master never tracked what was
+//! read from the old one, and a move is rare enough that keeping the other
+//! slots' entries is not worth a per-slot index.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -34,7 +46,13 @@ use super::connect::{connect, ConnectError};
 use super::node::Node;
 use super::slot::SLOTS;
 use super::{server_error_line, BackendError, BackendOptions, BackendStats};
+use crate::coherence::Freshness;
 use crate::config::RedisTarget;
+
+/// Starts an invalidation listener for one node (its target, the
+/// freshness it reports into) and returns what stops it.
+pub type Listeners =
+    Arc<dyn Fn(RedisTarget, Arc<dyn Freshness>) -> Box<dyn FnOnce() + Send> + Send + Sync>;
 
 /// Refresh of a healthy map.
 pub const REFRESH_EVERY: Duration = Duration::from_secs(10);
@@ -154,6 +172,10 @@ struct Inner {
     last_good: Mutex<Option<Addr>>,
     refresh_wanted: AtomicBool,
     refresher: Mutex<Option<thread::Thread>>,
+    /// With tracking: how to start a node's listener, and the group of
+    /// per-node freshness states.
+    listeners: Option<Listeners>,
+    group: Arc<TrackGroup>,
 }
 
 impl Cluster {
@@ -163,8 +185,16 @@ impl Cluster {
         template: BackendOptions,
         seeds: Vec<RedisTarget>,
         stats: Arc<BackendStats>,
+        listeners: Option<Listeners>,
     ) -> Cluster {
+        let listeners = listeners.filter(|_| template.freshness.is_some());
+        let group = Arc::new(TrackGroup {
+            shared: template.freshness.clone(),
+            members: Mutex::new(HashMap::new()),
+        });
         let inner = Arc::new(Inner {
+            listeners,
+            group,
             template,
             seeds,
             stats,
@@ -188,11 +218,7 @@ impl Cluster {
 
     /// The current map.
     pub(crate) fn map(&self) -> Arc<SlotMap> {
-        self.inner
-            .map
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone()
+        self.inner.map()
     }
 
     /// The master of `slot` in the current map.
@@ -282,6 +308,11 @@ impl Cluster {
 }
 
 impl Inner {
+    /// The current map (the read lock is held only to clone the `Arc`).
+    fn map(&self) -> Arc<SlotMap> {
+        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+
     /// Wakes the refresher (it refreshes at most once per gap).
     fn want_refresh(&self) {
         if !self.refresh_wanted.swap(true, Ordering::AcqRel) {
@@ -303,6 +334,13 @@ impl Inner {
     fn start_node(&self, addr: &Addr) -> Arc<Node> {
         let mut options = self.template.clone();
         options.target = self.target(addr);
+        if let Some(listeners) = &self.listeners {
+            let target = options.target.clone();
+            let freshness = self
+                .group
+                .join(addr.clone(), |freshness| listeners(target, freshness));
+            options.freshness = Some(freshness);
+        }
         let node = Arc::new(Node::start(&options, self.stats.clone()));
         self.stats
             .register_node(&format!("{}:{}", addr.0, addr.1), node.open_connections());
@@ -321,7 +359,7 @@ impl Inner {
     /// when none answered.
     fn refresh(&self) -> bool {
         self.stats.cluster_refreshes.fetch_add(1, Ordering::Relaxed);
-        let map = self.map.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let map = self.map();
         let mut candidates: Vec<RedisTarget> = Vec::new();
         let mut add = |t: RedisTarget| {
             if !candidates
@@ -378,9 +416,25 @@ impl Inner {
                 owner[usize::from(slot)] = index as u16;
             }
         }
-        // Nodes no map needs lose their connections once no request holds them.
+        // Nodes no map needs lose their connections once no request holds
+        // them, and their listeners.
         nodes.retain(|addr, _| masters.iter().any(|(a, _)| a == addr));
         drop(nodes);
+        let needed: Vec<Addr> = masters.iter().map(|(a, _)| a.clone()).collect();
+        self.group.retain(&needed);
+        if self.listeners.is_some() {
+            let old = self.map();
+            let moved = (0..SLOTS).any(|slot| {
+                let (was, now) = (old.owner[slot], owner[slot]);
+                was != NO_OWNER
+                    && now != NO_OWNER
+                    && old.masters[usize::from(was)].0 != masters[usize::from(now)].0
+            });
+            if moved {
+                log::info!("a slot changed master; cache emptied");
+                self.group.flush();
+            }
+        }
         self.stats.retain_nodes(
             &masters
                 .iter()
@@ -393,6 +447,149 @@ impl Inner {
             replicas: layout.replicas,
         };
         *self.map.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
+    }
+}
+
+/// The per-node freshness states of a tracked cluster, and the shared one
+/// they add up to.
+struct TrackGroup {
+    shared: Option<Arc<dyn Freshness>>,
+    /// Each node's state and what stops its listener.
+    #[allow(clippy::type_complexity)]
+    members: Mutex<HashMap<Addr, (Arc<NodeFreshness>, Option<Box<dyn FnOnce() + Send>>)>>,
+}
+
+impl TrackGroup {
+    /// Adds the node at `addr` (its listener not up yet) and returns the
+    /// freshness its data connections and listener report into; `start`
+    /// starts the listener.
+    fn join(
+        self: &Arc<Self>,
+        addr: Addr,
+        start: impl FnOnce(Arc<dyn Freshness>) -> Box<dyn FnOnce() + Send>,
+    ) -> Arc<dyn Freshness> {
+        let shared = self.shared.clone().expect("tracking has a shared state");
+        let node = Arc::new(NodeFreshness {
+            shared,
+            group: Arc::downgrade(self),
+            id: AtomicI64::new(-1),
+        });
+        {
+            let mut members = lock(&self.members);
+            if let Some((_, Some(stop))) = members.remove(&addr) {
+                stop();
+            }
+            members.insert(addr, (node.clone(), None));
+            self.settle_locked(&members);
+        }
+        let stop = start(node.clone());
+        if let Some(member) = lock(&self.members)
+            .values_mut()
+            .find(|(n, _)| Arc::ptr_eq(n, &node))
+        {
+            member.1 = Some(stop);
+            return node;
+        }
+        // Replaced meanwhile: this listener is not wanted.
+        stop();
+        node
+    }
+
+    /// Drops (and stops the listeners of) nodes not in `addrs`.
+    fn retain(&self, addrs: &[Addr]) {
+        let mut members = lock(&self.members);
+        let gone: Vec<Addr> = members
+            .keys()
+            .filter(|a| !addrs.contains(a))
+            .cloned()
+            .collect();
+        for addr in gone {
+            if let Some((_, Some(stop))) = members.remove(&addr) {
+                stop();
+            }
+        }
+        self.settle_locked(&members);
+    }
+
+    fn flush(&self) {
+        if let Some(shared) = &self.shared {
+            shared.flush();
+        }
+    }
+
+    /// The shared state is up, with some member's id, only while every
+    /// member's listener is up.
+    #[allow(clippy::type_complexity)]
+    fn settle_locked(
+        &self,
+        members: &HashMap<Addr, (Arc<NodeFreshness>, Option<Box<dyn FnOnce() + Send>>)>,
+    ) {
+        let Some(shared) = &self.shared else { return };
+        let ids: Vec<i64> = members
+            .values()
+            .map(|(n, _)| n.id.load(Ordering::SeqCst))
+            .collect();
+        if !ids.is_empty() && ids.iter().all(|&id| id >= 0) {
+            if shared.redirect().is_none() {
+                shared.listener_up(ids[0]);
+            }
+        } else if shared.redirect().is_some() {
+            shared.listener_down();
+        }
+    }
+
+    fn settle(&self) {
+        let members = lock(&self.members);
+        self.settle_locked(&members);
+    }
+}
+
+/// One master's tracking state: its own listener's id (what its data
+/// connections redirect to); every other event goes to the shared state.
+pub struct NodeFreshness {
+    shared: Arc<dyn Freshness>,
+    group: Weak<TrackGroup>,
+    /// The listener's client id while it is up, -1 while down.
+    id: AtomicI64,
+}
+
+impl Freshness for NodeFreshness {
+    fn redirect(&self) -> Option<i64> {
+        let id = self.id.load(Ordering::SeqCst);
+        (id >= 0).then_some(id)
+    }
+
+    fn listener_up(&self, id: i64) {
+        self.id.store(id, Ordering::SeqCst);
+        if let Some(group) = self.group.upgrade() {
+            group.settle();
+        }
+    }
+
+    fn listener_down(&self) {
+        self.id.store(-1, Ordering::SeqCst);
+        // Emptied even if another listener already took the state down:
+        // this node's keys were cached while it was up.
+        self.shared.listener_down();
+        if let Some(group) = self.group.upgrade() {
+            group.settle();
+        }
+    }
+
+    fn invalidate(&self, key: &[u8]) -> bool {
+        self.shared.invalidate(key)
+    }
+
+    fn flush(&self) {
+        self.shared.flush();
+    }
+
+    fn data_link_reopened(&self, index: usize) {
+        self.shared.data_link_reopened(index);
+    }
+
+    fn tracking_failed(&self, why: &str) {
+        self.shared.tracking_failed(why);
     }
 }
 
@@ -423,12 +620,6 @@ fn refresh_loop(inner: Weak<Inner>) {
         inner.refresh_wanted.store(false, Ordering::Release);
         last = Instant::now();
         inner.refresh();
-    }
-}
-
-impl Inner {
-    fn map(&self) -> Arc<SlotMap> {
-        self.map.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 
@@ -650,6 +841,82 @@ mod tests {
             bulk("health"),
             bulk(health),
         ])
+    }
+
+    /// A shared freshness state that records its transitions.
+    #[derive(Default)]
+    struct Shared {
+        redirect: AtomicI64,
+        events: Mutex<Vec<String>>,
+    }
+
+    impl Freshness for Shared {
+        fn redirect(&self) -> Option<i64> {
+            let id = self.redirect.load(Ordering::SeqCst);
+            (id >= 0).then_some(id)
+        }
+        fn listener_up(&self, id: i64) {
+            self.redirect.store(id, Ordering::SeqCst);
+            lock(&self.events).push("up".into());
+        }
+        fn listener_down(&self) {
+            self.redirect.store(-1, Ordering::SeqCst);
+            lock(&self.events).push("down".into());
+        }
+        fn invalidate(&self, _key: &[u8]) -> bool {
+            true
+        }
+        fn flush(&self) {
+            lock(&self.events).push("flush".into());
+        }
+        fn data_link_reopened(&self, _index: usize) {}
+        fn tracking_failed(&self, _why: &str) {}
+    }
+
+    /// The shared state is up only while every master's listener is up: it
+    /// waits for the last one, goes down (emptying the cache) when one is
+    /// lost, and follows the members when a master leaves the map.
+    #[test]
+    fn tracking_is_up_only_with_every_listener() {
+        let shared = Arc::new(Shared::default());
+        shared.redirect.store(-1, Ordering::SeqCst);
+        let group = Arc::new(TrackGroup {
+            shared: Some(shared.clone() as Arc<dyn Freshness>),
+            members: Mutex::new(HashMap::new()),
+        });
+        let stopped = Arc::new(AtomicI64::new(0));
+        let stopper = |stopped: &Arc<AtomicI64>| {
+            let stopped = stopped.clone();
+            move |_: Arc<dyn Freshness>| -> Box<dyn FnOnce() + Send> {
+                Box::new(move || {
+                    stopped.fetch_add(1, Ordering::SeqCst);
+                })
+            }
+        };
+        let a = group.join(("h".into(), 1), stopper(&stopped));
+        let b = group.join(("h".into(), 2), stopper(&stopped));
+        a.listener_up(10);
+        assert_eq!(shared.redirect(), None, "b is not up yet");
+        assert_eq!(a.redirect(), Some(10));
+        b.listener_up(20);
+        assert!(shared.redirect().is_some());
+        a.listener_down();
+        assert_eq!(shared.redirect(), None);
+        assert_eq!(a.redirect(), None);
+        a.listener_up(11);
+        assert!(shared.redirect().is_some());
+        // A master joining takes the state down until its listener is up.
+        let c = group.join(("h".into(), 3), stopper(&stopped));
+        assert_eq!(shared.redirect(), None);
+        c.listener_up(30);
+        assert!(shared.redirect().is_some());
+        // A master leaving the map: its listener is stopped.
+        c.listener_down();
+        group.retain(&[("h".into(), 1), ("h".into(), 2)]);
+        assert_eq!(stopped.load(Ordering::SeqCst), 1);
+        assert!(shared.redirect().is_some());
+        let events = lock(&shared.events).join(",");
+        assert_eq!(events, "up,down,up,down,up,down,up");
     }
 
     /// Redirection lines parse into kind, slot and address; others do not.

@@ -48,7 +48,7 @@ use redis::Value;
 use crate::coherence::Freshness;
 use crate::config::RedisTarget;
 
-pub use cluster::{NodeGauges, Redirect};
+pub use cluster::{Listeners, NodeFreshness, NodeGauges, Redirect};
 pub use commands::CommandTable;
 use commands::Learner;
 pub use topology::Topology;
@@ -290,10 +290,14 @@ impl Backend {
     /// `INFO cluster` of the first seed that answers. This blocks (on std
     /// sockets) for up to the timeout per seed: call it before serving.
     /// With `Auto` and no seed answering, a single Redis at the first seed.
+    /// With tracking (`options.freshness`), a cluster starts one invalidation
+    /// listener per master through `listeners`; a single Redis leaves its
+    /// listener to the caller.
     pub fn start_with(
         options: BackendOptions,
         seeds: Vec<RedisTarget>,
         mode: ClusterMode,
+        listeners: Option<Listeners>,
     ) -> Backend {
         // A Sentinel-found master is one Redis, never a cluster.
         let cluster = match mode {
@@ -316,7 +320,7 @@ impl Backend {
         let learn_seeds = seeds.clone();
         Backend {
             commands: Learner::start(Box::new(move || learn_seeds.clone()), options.timeout),
-            topology: Topology::cluster(&options, seeds, stats.clone()),
+            topology: Topology::cluster(&options, seeds, stats.clone(), listeners),
             stats,
         }
     }

@@ -8,7 +8,7 @@
 
 use std::sync::Arc;
 
-use super::cluster::{Cluster, Redirect};
+use super::cluster::{Cluster, Listeners, Redirect};
 use super::node::Node;
 use super::slot::slot;
 use super::{BackendError, BackendOptions, BackendStats};
@@ -40,8 +40,9 @@ impl Topology {
         options: &BackendOptions,
         seeds: Vec<RedisTarget>,
         stats: Arc<BackendStats>,
+        listeners: Option<Listeners>,
     ) -> Topology {
-        Topology::Cluster(Cluster::start(options.clone(), seeds, stats))
+        Topology::Cluster(Cluster::start(options.clone(), seeds, stats, listeners))
     }
 
     /// Runs `op` at the node that serves `key`, following a cluster's

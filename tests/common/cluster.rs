@@ -26,6 +26,19 @@ pub struct Cluster {
 
 static DIRS: AtomicUsize = AtomicUsize::new(0);
 
+/// Where node dirs go: tmpfs when there is one. Cluster nodes fsync
+/// `nodes.conf` on every slot change; on a disk shared with busy builds an
+/// fsync can stall a node past the proxy's timeout, which is not what these
+/// tests measure.
+fn base_dir() -> std::path::PathBuf {
+    let shm = std::path::Path::new("/dev/shm");
+    if shm.is_dir() {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}
+
 impl Cluster {
     /// `masters` masters with `replicas` replicas each, every slot assigned,
     /// every node agreeing (`cluster_state:ok`) and every replica in sync.
@@ -33,14 +46,20 @@ impl Cluster {
         let n = masters * (1 + replicas);
         let members: Vec<Member> = (0..n)
             .map(|_| {
-                let dir = std::env::temp_dir().join(format!(
+                let dir = base_dir().join(format!(
                     "redis-proxy-cluster-{}-{}",
                     std::process::id(),
                     DIRS.fetch_add(1, Ordering::Relaxed)
                 ));
                 let _ = std::fs::remove_dir_all(&dir);
                 std::fs::create_dir_all(&dir).expect("create cluster node dir");
+                // The bus port is our own pick too: the default (port +
+                // 10000) can land in the ephemeral range, taken by any
+                // outgoing connection of the busy test machine.
+                let bus = super::free_port().to_string();
                 let redis = Redis::start_with(&[
+                    "--cluster-port",
+                    &bus,
                     "--dir",
                     &dir.to_string_lossy(),
                     "--cluster-enabled",
@@ -49,6 +68,9 @@ impl Cluster {
                     "nodes.conf",
                     "--cluster-node-timeout",
                     "5000",
+                    // Replicas sync at once (7.0 waits 5 s for more).
+                    "--repl-diskless-sync-delay",
+                    "0",
                 ]);
                 Member { redis, dir }
             })
@@ -69,27 +91,34 @@ impl Cluster {
             String::from_utf8_lossy(&out.stderr)
         );
         let cluster = Cluster { members };
-        cluster.wait_settled(n);
+        cluster.wait_settled(n, masters * replicas);
         cluster
     }
 
-    /// Waits until every running node reports `cluster_state:ok`, knows
-    /// `n` nodes, and every replica's link to its master is up.
-    pub fn wait_settled(&self, n: usize) {
+    /// Waits until every running node reports `cluster_state:ok` and knows
+    /// `n` nodes, and `replicas` nodes are replicas whose initial sync is
+    /// done (a node turns replica a moment after `--cluster create`
+    /// returns, and only then starts syncing: a master killed before that
+    /// leaves an empty replica to promote).
+    pub fn wait_settled(&self, n: usize, replicas: usize) {
         poll_for(
             Duration::from_secs(30),
             "the cluster to settle",
             &mut || {
-                self.running()
-                    .all(|m| {
-                        let info = info(&m.redis, "CLUSTER", Some("INFO"));
-                        let repl = info_section(&m.redis, "replication");
-                        info.contains("cluster_state:ok")
-                            && info.contains(&format!("cluster_known_nodes:{n}"))
-                            && (!repl.contains("role:slave")
-                                || repl.contains("master_link_status:up"))
-                    })
-                    .then_some(())
+                let mut synced = 0;
+                let settled = self.running().all(|m| {
+                    let info = info(&m.redis, "CLUSTER", Some("INFO"));
+                    let repl = info_section(&m.redis, "replication");
+                    if repl.contains("role:slave")
+                        && repl.contains("master_link_status:up")
+                        && repl.contains("master_sync_in_progress:0")
+                    {
+                        synced += 1;
+                    }
+                    info.contains("cluster_state:ok")
+                        && info.contains(&format!("cluster_known_nodes:{n}"))
+                });
+                (settled && synced == replicas).then_some(())
             },
         );
     }
@@ -208,21 +237,6 @@ impl Cluster {
             }
         }
         panic!("too many redirections for {key:?}");
-    }
-
-    /// Waits (`WAIT`) until each master's writes reached `replicas` replicas.
-    pub fn wait_replicated(&self, replicas: usize) {
-        for port in self.masters() {
-            let r =
-                self.member(port)
-                    .redis
-                    .cmd(&[b"WAIT", replicas.to_string().as_bytes(), b"5000"]);
-            assert_eq!(
-                r,
-                Value::Int(replicas as i64),
-                "WAIT on the master at {port}"
-            );
-        }
     }
 
     /// `SET key value` wherever `key` lives.
