@@ -309,7 +309,9 @@ impl<B: Redis + 'static> Proxy<B> {
         let generation = self.coherence.generation();
         let usable = self.coherence.usable();
         let cached = usable && self.cache.capacity() > 0;
-        let mut out: Vec<Option<Result<Lookup, BackendError>>> = Vec::with_capacity(keys.len());
+        // A miss's place holds `NOT_YET` until its fetch (or flight) lands.
+        const NOT_YET: Result<Lookup, BackendError> = Err(BackendError::Timeout);
+        let mut out: Vec<Result<Lookup, BackendError>> = Vec::with_capacity(keys.len());
         // Keys this batch fetches: with their lead, or `None` for an
         // uncached read (no flight).
         let mut fetched: Vec<usize> = Vec::new();
@@ -318,12 +320,12 @@ impl<B: Redis + 'static> Proxy<B> {
         for (i, &key) in keys.iter().enumerate() {
             if usable {
                 if let Some(lookup) = self.cached(key, generation, hint) {
-                    out.push(Some(Ok(lookup)));
+                    out.push(Ok(lookup));
                     continue;
                 }
             }
             self.metrics.misses.inc();
-            out.push(None);
+            out.push(NOT_YET);
             if !cached {
                 fetched.push(i);
                 leads.push(None);
@@ -334,7 +336,7 @@ impl<B: Redis + 'static> Proxy<B> {
                     // Filled by an earlier leader since our miss.
                     Some(value) => {
                         lead.land(Ok(Some(value.clone())));
-                        out[i] = Some(Ok(answer(Some(value), Source::Miss)));
+                        out[i] = Ok(answer(Some(value), Source::Miss));
                     }
                     None => {
                         fetched.push(i);
@@ -363,24 +365,25 @@ impl<B: Redis + 'static> Proxy<B> {
                     }
                     None => reply.and_then(|v| v.map(|v| uncached(keys[i], &v)).transpose()),
                 };
-                out[i] = Some(result.map(|value| answer(value, Source::Miss)));
+                out[i] = result.map(|value| answer(value, Source::Miss));
             }
         }
         for (i, flight) in followed {
             let result = flight
                 .wait()
                 .unwrap_or_else(|| Err(BackendError::Unavailable("request abandoned".into())));
-            out[i] = Some(result.map(|value| answer(value, Source::Collapsed)));
+            out[i] = result.map(|value| answer(value, Source::Collapsed));
         }
-        keys.iter()
-            .zip(out)
-            .map(|(key, result)| match result.expect("every key answered") {
-                Err(e @ (BackendError::Unavailable(_) | BackendError::Timeout)) => {
-                    self.stale_if_error(key, e)
-                }
-                other => other,
-            })
-            .collect()
+        for (key, result) in keys.iter().zip(out.iter_mut()) {
+            if matches!(
+                result,
+                Err(BackendError::Unavailable(_) | BackendError::Timeout)
+            ) {
+                let failed = std::mem::replace(result, NOT_YET);
+                *result = failed.or_else(|e| self.stale_if_error(key, e));
+            }
+        }
+        out
     }
 
     /// `get`'s cache step: a hit (counted), a stale hit that starts its

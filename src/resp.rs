@@ -237,6 +237,21 @@ impl Prefetched {
         self.answers.clear();
     }
 
+    /// The answer for `key` (a GET's argument), if it is the next one;
+    /// otherwise none, and every answer is dropped.
+    fn take_one(&mut self, key: &[u8]) -> Option<Result<Lookup, BackendError>> {
+        match self.answers.front() {
+            Some((at, _)) if *at == key.as_ptr() as usize => {
+                self.answers.pop_front().map(|(_, r)| r)
+            }
+            Some(_) => {
+                self.answers.clear();
+                None
+            }
+            None => None,
+        }
+    }
+
     /// The answers for `keys` (the arguments of the command being run), if
     /// they are the next ones; otherwise none, and every answer is dropped.
     fn take(&mut self, keys: &[&[u8]]) -> Option<Vec<Result<Lookup, BackendError>>> {
@@ -283,11 +298,11 @@ fn prefetch(
         return;
     }
     let answers = shared.proxy.get_batch(&keys, fd);
-    session.prefetched.answers = keys
-        .iter()
-        .map(|k| k.as_ptr() as usize)
-        .zip(answers)
-        .collect();
+    // Extended, not replaced: the queue's allocation serves every batch.
+    session
+        .prefetched
+        .answers
+        .extend(keys.iter().map(|k| k.as_ptr() as usize).zip(answers));
 }
 
 /// Lets the other coroutines of this worker run, those waiting for their

@@ -558,8 +558,8 @@ fn reset(cx: &mut Call<'_>, _: &[&[u8]]) -> Outcome {
 
 fn get(cx: &mut Call<'_>, args: &[&[u8]]) -> Outcome {
     // Fetched ahead with the rest of a pipelined run, or asked now.
-    let lookup = match cx.session.prefetched.take(&args[..1]) {
-        Some(mut answers) => answers.remove(0),
+    let lookup = match cx.session.prefetched.take_one(args[0]) {
+        Some(answer) => answer,
         None => cx.shared.proxy.get(args[0], cx.fd),
     };
     let lookup = lookup.map_err(|e| Refused::from(backend_error_line(&e)))?;
