@@ -12,6 +12,8 @@
 #       with and without CACHE_STALE_WHILE_REVALIDATE_MS: p99 and max latency side by side
 #   idle: 10,000 idle keep-alive connections held open: others still served? proxy RSS?
 #   TLS rows: all-miss and hits over rediss:// beside plain TCP (tls_rows; BENCH_TLS=0 skips)
+#   cluster rows: all-miss and hits through a 3-master cluster beside one redis-server
+#       (cluster_rows; BENCH_CLUSTER=0 skips)
 #
 # (a)-(f) run with wrk --latency, a Lua script rotating over the hot key set, in
 # BENCH_ROUNDS alternating rounds (a b c d e f a b c d e f ...); the table shows the
@@ -734,6 +736,140 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))')
 }
 
 # ---------------------------------------------------------------- summary
+# cluster_rows: the proxy in front of a 3-master Redis Cluster beside the
+# proxy in front of one redis-server, all-miss and hits, alternating rounds
+# (issue 15 item 8). BENCH_CLUSTER=0 skips them.
+cluster_rows() {
+  if [ "${BENCH_CLUSTER:-1}" = 0 ]; then return 0; fi
+  local d="$tmp/cluster" t r line n c0 c1 pid
+  mkdir -p "$d"
+  local ports
+  read -r -a ports < <(python3 -c '
+import socket
+socks = [socket.socket() for _ in range(11)]
+for s in socks: s.bind(("127.0.0.1", 0))
+print(" ".join(str(s.getsockname()[1]) for s in socks))')
+  # ports: 0 single redis, 1-3 cluster nodes, 4-6 their bus ports, 7-10 proxies.
+  local p_single=${ports[0]} i node
+  redis-server --bind 127.0.0.1 --port "$p_single" --maxclients 20000 --daemonize no \
+    --logfile "$d/single.log" --save "" &
+  pids+=("$!")
+  wait_up "redis-server (single)" "$!" "$d/single.log" redis-cli -p "$p_single" ping
+  local nodes=()
+  for i in 1 2 3; do
+    node=${ports[$i]}
+    mkdir -p "$d/n$node"
+    (cd "$d/n$node" && exec redis-server --bind 127.0.0.1 --port "$node" \
+      --cluster-port "${ports[$((i + 3))]}" --cluster-enabled yes \
+      --cluster-config-file nodes.conf --maxclients 20000 --daemonize no \
+      --logfile "$d/n$node/redis.log" --appendonly no --save "") &
+    pids+=("$!")
+    wait_up "cluster node $node" "$!" "$d/n$node/redis.log" redis-cli -p "$node" ping
+    nodes+=("127.0.0.1:$node")
+  done
+  if ! redis-cli --cluster create "${nodes[@]}" --cluster-yes >"$d/create.log" 2>&1; then
+    echo "cluster rows: redis-cli --cluster create failed (see $d/create.log), skipped"
+    return 0
+  fi
+  local deadline=$((SECONDS + 30))
+  until redis-cli -p "${ports[1]}" cluster info 2>/dev/null | grep -q 'cluster_state:ok'; do
+    if [ $SECONDS -ge $deadline ]; then echo "cluster rows: cluster not ok in 30 s, skipped"; return 0; fi
+    sleep 0.2
+  done
+  # The same keys as the single redis-server: each node gets its own slots'.
+  redis-cli -h 127.0.0.1 -p "$p_single" --pipe <"$tmp/seed.resp" >"$d/seed-single.log"
+  python3 - "$NKEYS" "$VBYTES" "$d" "${ports[1]}" "${ports[2]}" "${ports[3]}" <<'PY'
+import subprocess, sys
+nkeys, vbytes, d = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+ports = sys.argv[4:]
+def crc16(data):
+    crc = 0
+    for b in data:
+        crc ^= b << 8
+        for _ in range(8):
+            crc = ((crc << 1) ^ 0x1021) if crc & 0x8000 else crc << 1
+            crc &= 0xFFFF
+    return crc
+owner = {}
+for port in ports:
+    out = subprocess.run(["redis-cli", "-p", port, "cluster", "myid"], capture_output=True, text=True).stdout.strip()
+    owner[out] = port
+slots = {}
+for line in subprocess.run(["redis-cli", "-p", ports[0], "cluster", "nodes"], capture_output=True, text=True).stdout.splitlines():
+    parts = line.split()
+    for rng in parts[8:]:
+        lo, _, hi = rng.partition("-")
+        for s in range(int(lo), int(hi or lo) + 1):
+            slots[s] = owner[parts[0]]
+files = {p: open(f"{d}/seed-{p}.resp", "wb") for p in ports}
+value = b"v" * vbytes
+for i in range(nkeys):
+    key = b"key:%d" % i
+    f = files[slots[crc16(key) % 16384]]
+    f.write(b"*3\r\n$3\r\nSET\r\n$%d\r\n%s\r\n$%d\r\n%s\r\n" % (len(key), key, len(value), value))
+for f in files.values():
+    f.close()
+PY
+  for i in 1 2 3; do
+    redis-cli -h 127.0.0.1 -p "${ports[$i]}" --pipe <"$d/seed-${ports[$i]}.resp" >>"$d/seed-cluster.log"
+  done
+  local names=(single-miss cluster-miss single-hit cluster-hit)
+  local -A CP CPID CS CCPU CREQ
+  i=7
+  for t in "${names[@]}"; do
+    CP[$t]=${ports[$i]}
+    i=$((i + 1))
+    local url="redis://127.0.0.1:$p_single/0" cap=1000000
+    case $t in cluster-*) url="redis://127.0.0.1:${ports[1]}/0,redis://127.0.0.1:${ports[2]}/0" ;; esac
+    case $t in *-miss) cap=0 ;; esac
+    env REDIS_URL="$url" PROXY_HOST=127.0.0.1 PROXY_PORT="${CP[$t]}" CACHE_CAPACITY=$cap \
+      CACHE_TTL_MS=86400000 PROXY_SHUTDOWN_GRACE_MS=200 "$PROXY" >"$d/$t.log" 2>&1 &
+    pid=$!
+    pids+=("$pid")
+    CPID[$t]=$pid
+    wait_up "proxy $t" "$pid" "$d/$t.log" curl -sf "http://127.0.0.1:${CP[$t]}/key:0"
+    CCPU[$t]=0 CREQ[$t]=0
+    run_wrk "$d/warm-$t.txt" "http://127.0.0.1:${CP[$t]}" / "" 1s "$CONNS" >/dev/null
+  done
+  for r in $(seq 1 "$ROUNDS"); do
+    for t in "${names[@]}"; do
+      pid=${CPID[$t]}
+      alive "$pid" || { say "cluster round $r $t: not running, skipped"; continue; }
+      c0=$(cpu_ticks "$pid")
+      line=$(run_wrk "$d/wrk-$t-$r.txt" "http://127.0.0.1:${CP[$t]}" / "" "$DURATION" "$CONNS")
+      c1=$(cpu_ticks "$pid")
+      n=$(printf '%s' "$line" | sed -n 's/.* requests=\([0-9]*\).*/\1/p')
+      CCPU[$t]=$((CCPU[$t] + c1 - c0)) CREQ[$t]=$((CREQ[$t] + ${n:-0}))
+      CS[$t]+="$line"$'\n'
+      say "cluster round $r $t: ${line#BENCH }"
+    done
+  done
+  echo
+  echo "Redis Cluster (3 masters, no replicas) beside one redis-server; $ROUNDS alternating rounds, mean shown:"
+  printf '%-24s %10s %9s %9s %8s %10s\n' target "req/s" "p50 ms" "p99 ms" non2xx "cpu us/req"
+  local -A CR
+  for t in "${names[@]}"; do
+    local rps p50 p99 non
+    read -r rps p50 p99 non < <(printf '%s' "${CS[$t]:-}" | awk '/^BENCH/ {
+        for (i = 2; i <= NF; i++) { split($i, kv, "="); v[kv[1]] = kv[2] }
+        k++; a += v["rps"]; b += v["p50_us"]; c += v["p99_us"]; e += v["non2xx"] + v["sockerr"] }
+      END { if (k) printf "%.0f %.3f %.3f %d\n", a/k, b/k/1000, c/k/1000, e; else print "0 0 0 0" }')
+    CR[$t]=$rps
+    printf '%-24s %10s %9s %9s %8s %10s\n' "proxy $t" "$rps" "$p50" "$p99" "$non" \
+      "$(us_per_req "${CCPU[$t]}" "${CREQ[$t]}")"
+  done
+  local hit miss
+  hit=$(ratio "${CR[cluster-hit]}" "${CR[single-hit]}")
+  miss=$(ratio "${CR[cluster-miss]}" "${CR[single-miss]}")
+  echo "   cluster / single, hits: $hit (target >= 0.95: $(verdict "$hit" '>=' 0.95))"
+  echo "   cluster / single, all-miss: $miss (target >= 1.0: $(verdict "$miss" '>=' 1.0))"
+  for t in "${names[@]}"; do
+    if grep -qE 'panick|ERROR|WARN' "$d/$t.log"; then
+      echo "   proxy $t log: $(grep -E 'panick|ERROR|WARN' "$d/$t.log" | head -2 | tr '\n' ' ')"
+    fi
+  done
+}
+
 ratio() { awk -v a="$1" -v b="$2" 'BEGIN { if (b > 0) printf "%.2f", a / b; else printf "n/a" }'; }
 verdict() { # value op target
   awk -v v="$1" -v op="$2" -v t="$3" 'BEGIN {
@@ -840,3 +976,4 @@ verdict() { # value op target
   fi
 } | tee "$tmp/summary.txt"
 tls_rows | tee -a "$tmp/summary.txt"
+cluster_rows | tee -a "$tmp/summary.txt"
