@@ -672,7 +672,8 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))')
   local p_redis=${ports[0]} p_tls=${ports[1]}
   redis-server --bind 127.0.0.1 --port "$p_redis" --tls-port "$p_tls" \
     --tls-cert-file "$d/server.pem" --tls-key-file "$d/server.key" --tls-ca-cert-file "$d/ca.pem" \
-    --tls-auth-clients no --maxclients 20000 --daemonize no --logfile "$d/redis.log" --save "" &
+    --tls-auth-clients no --maxclients 20000 --daemonize no --logfile "$d/redis.log" --save "" \
+    >/dev/null 2>&1 &
   local rpid=$!
   pids+=("$rpid")
   wait_up "redis-server (TLS)" "$rpid" "$d/redis.log" redis-cli -p "$p_redis" ping
@@ -752,7 +753,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))')
   # ports: 0 single redis, 1-3 cluster nodes, 4-6 their bus ports, 7-10 proxies.
   local p_single=${ports[0]} i node
   redis-server --bind 127.0.0.1 --port "$p_single" --maxclients 20000 --daemonize no \
-    --logfile "$d/single.log" --save "" &
+    --logfile "$d/single.log" --save "" >/dev/null 2>&1 &
   pids+=("$!")
   wait_up "redis-server (single)" "$!" "$d/single.log" redis-cli -p "$p_single" ping
   local nodes=()
@@ -762,7 +763,7 @@ print(" ".join(str(s.getsockname()[1]) for s in socks))')
     (cd "$d/n$node" && exec redis-server --bind 127.0.0.1 --port "$node" \
       --cluster-port "${ports[$((i + 3))]}" --cluster-enabled yes \
       --cluster-config-file nodes.conf --maxclients 20000 --daemonize no \
-      --logfile "$d/n$node/redis.log" --appendonly no --save "") &
+      --logfile "$d/n$node/redis.log" --appendonly no --save "") >/dev/null 2>&1 &
     pids+=("$!")
     wait_up "cluster node $node" "$!" "$d/n$node/redis.log" redis-cli -p "$node" ping
     nodes+=("127.0.0.1:$node")
@@ -975,5 +976,9 @@ verdict() { # value op target
     printf '   - %s\n' "${problems[@]}"
   fi
 } | tee "$tmp/summary.txt"
-tls_rows | tee -a "$tmp/summary.txt"
-cluster_rows | tee -a "$tmp/summary.txt"
+# In this shell, not a pipeline's subshell: the servers they start join
+# `pids` (so cleanup stops them), and tee does not wait on their stdout.
+tls_rows >"$tmp/tls.txt"
+tee -a "$tmp/summary.txt" <"$tmp/tls.txt"
+cluster_rows >"$tmp/cluster.txt"
+tee -a "$tmp/summary.txt" <"$tmp/cluster.txt"
