@@ -108,6 +108,10 @@ pub enum Invalidation {
     Off,
     /// Redis CLIENT TRACKING removes changed keys from the cache.
     Tracking,
+    /// CLIENT TRACKING over RESP3: invalidations come as pushes on the
+    /// data connections (no REDIRECT, no invalidation connection).
+    #[value(name = "tracking-resp3")]
+    TrackingResp3,
 }
 
 /// Whether the backing Redis is a Redis Cluster.
@@ -186,7 +190,8 @@ pub struct Config {
           value_parser = ranged::<u64>("PROXY_IDLE_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
     pub idle_timeout_ms: u64,
 
-    /// Cache invalidation: off, or tracking (Redis CLIENT TRACKING).
+    /// Cache invalidation: off, tracking (Redis CLIENT TRACKING), or
+    /// tracking-resp3 (the same over RESP3 pushes).
     #[arg(
         long,
         env = "CACHE_INVALIDATION",
@@ -471,6 +476,15 @@ impl Config {
         if self.host.trim().is_empty() {
             return Err(ConfigError(
                 "PROXY_HOST (--host) must be an address to bind, e.g. 127.0.0.1".into(),
+            ));
+        }
+        if self.cache_invalidation == Invalidation::TrackingResp3
+            && self.redis_cluster == ClusterMode::On
+        {
+            return Err(ConfigError(
+                "CACHE_INVALIDATION=tracking-resp3 does not work with a Redis Cluster yet; \
+                 use CACHE_INVALIDATION=tracking"
+                    .into(),
             ));
         }
         Ok(())
