@@ -689,6 +689,26 @@ mod tests {
         assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6379, 0));
     }
 
+    /// `tracking-resp3` parses (any case), and is refused with a cluster.
+    #[test]
+    fn tracking_resp3_parses_and_refuses_a_cluster() {
+        let c = parse(&["--cache-invalidation", "Tracking-RESP3"]).unwrap();
+        assert_eq!(c.cache_invalidation, Invalidation::TrackingResp3);
+        assert!(c.validate().is_ok());
+        let c = parse(&[
+            "--cache-invalidation",
+            "tracking-resp3",
+            "--redis-cluster",
+            "on",
+        ])
+        .unwrap();
+        let err = c.validate().unwrap_err().0;
+        assert!(
+            err.contains("tracking-resp3") && err.contains("Cluster"),
+            "{err}"
+        );
+    }
+
     /// Flags parse into typed fields.
     #[test]
     fn flags_parse() {
