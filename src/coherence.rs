@@ -25,6 +25,14 @@
 //! - `tracking_failed` (`CLIENT TRACKING` on a data link refused or unanswered):
 //!   `generation += 1` (what is in flight may be untracked).
 //!
+//! Push mode (`tracking-resp3`, or `tracking` after
+//! [`redirect_refused`](Freshness::redirect_refused), which flushes once):
+//! invalidations come as RESP3 pushes on the data links
+//! ([`pushed`](Freshness::pushed), the same `invalidate` / `flush`), the
+//! listener's state no longer gates the cache (it is served as in `Up`), and
+//! a tracked data link lost ([`data_link_lost`](Freshness::data_link_lost))
+//! flushes at once, before it is reopened.
+//!
 //! One fetch (a [`Lead`] for one key, a [`Ticket`] for a multi-key read) is a
 //! small machine of its own: `Started(generation g, epoch e)` -> `Fetched`
 //! -> `Kept` or `Dropped`. It records `g` before the core decides the cache is
