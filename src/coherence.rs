@@ -25,6 +25,14 @@
 //! - `tracking_failed` (`CLIENT TRACKING` on a data link refused or unanswered):
 //!   `generation += 1` (what is in flight may be untracked).
 //!
+//! Push mode (`tracking-resp3`, or `tracking` after
+//! [`redirect_refused`](Freshness::redirect_refused), which flushes once):
+//! invalidations come as RESP3 pushes on the data links
+//! ([`pushed`](Freshness::pushed), the same `invalidate` / `flush`), the
+//! listener's state no longer gates the cache (it is served as in `Up`), and
+//! a tracked data link lost ([`data_link_lost`](Freshness::data_link_lost))
+//! flushes at once, before it is reopened.
+//!
 //! One fetch (a [`Lead`] for one key, a [`Ticket`] for a multi-key read) is a
 //! small machine of its own: `Started(generation g, epoch e)` -> `Fetched`
 //! -> `Kept` or `Dropped`. It records `g` before the core decides the cache is
@@ -75,6 +83,32 @@ pub trait Freshness: Send + Sync {
     fn data_link_reopened(&self, index: usize);
     /// `CLIENT TRACKING` on a data connection failed with `why`.
     fn tracking_failed(&self, why: &str);
+    /// Whether invalidations come as RESP3 `>invalidate` pushes on the data
+    /// connections (`tracking-resp3`, or `tracking` after the server
+    /// refused `REDIRECT`) instead of through the listener.
+    fn push_mode(&self) -> bool {
+        false
+    }
+    /// The server refused `CLIENT TRACKING ... REDIRECT` with `why`: switch
+    /// to push mode for good.
+    fn redirect_refused(&self, why: &str) {
+        self.tracking_failed(why);
+    }
+    /// A `>invalidate` push on a data connection: these keys changed, or
+    /// (`None`, a flush) everything did.
+    fn pushed(&self, keys: Option<&[&[u8]]>) {
+        match keys {
+            None => self.flush(),
+            Some(keys) => keys.iter().for_each(|key| {
+                self.invalidate(key);
+            }),
+        }
+    }
+    /// A data connection that tracked in push mode was lost: Redis forgot
+    /// what it tracked for it, and pushes on it may be lost.
+    fn data_link_lost(&self, index: usize) {
+        self.data_link_reopened(index);
+    }
 }
 
 /// One fetch in flight; concurrent misses on the same key wait on it.
@@ -116,6 +150,9 @@ pub struct Coherence<R> {
     tracking: bool,
     /// The invalidation connection's client id in `Up(id)`, -1 in `Down`.
     redirect: AtomicI64,
+    /// Push mode: invalidations come on the data connections, so the
+    /// listener's state no longer decides whether the cache is usable.
+    push: AtomicBool,
 }
 
 /// Whether a key's miss leads the fetch or waits for another's.
@@ -160,7 +197,15 @@ impl<R> Coherence<R> {
             generation: AtomicU64::new(0),
             tracking,
             redirect: AtomicI64::new(-1),
+            push: AtomicBool::new(false),
         }
+    }
+
+    /// Takes invalidations as RESP3 pushes from the start
+    /// (`CACHE_INVALIDATION=tracking-resp3`).
+    pub fn with_pushes(self) -> Self {
+        self.push.store(true, Ordering::SeqCst);
+        self
     }
 
     /// The cache this state guards.
@@ -179,9 +224,13 @@ impl<R> Coherence<R> {
         self.generation.load(Ordering::SeqCst)
     }
 
-    /// True unless tracking is on and its connection is down (`Down`).
+    /// True unless tracking is on and its connection is down (`Down`). In
+    /// push mode there is no such connection: a lost data link empties the
+    /// cache instead, and fills through an untracked one are dropped.
     pub fn usable(&self) -> bool {
-        !self.tracking || self.redirect.load(Ordering::SeqCst) >= 0
+        !self.tracking
+            || self.push.load(Ordering::SeqCst)
+            || self.redirect.load(Ordering::SeqCst) >= 0
     }
 
     /// A multi-key read starts; call after its lookups, before its fetch.
@@ -320,6 +369,44 @@ impl<R: Send + Sync> Freshness for Coherence<R> {
     fn tracking_failed(&self, why: &str) {
         log::warn!("CLIENT TRACKING failed ({why}); values fetched now are not cached");
         self.distrust();
+    }
+
+    fn push_mode(&self) -> bool {
+        self.tracking && self.push.load(Ordering::SeqCst)
+    }
+
+    fn redirect_refused(&self, why: &str) {
+        if self.tracking && !self.push.swap(true, Ordering::SeqCst) {
+            log::warn!(
+                "redis refuses CLIENT TRACKING REDIRECT ({why}); invalidations now come as \
+                 RESP3 pushes on the data connections"
+            );
+            self.invalidate_all();
+        } else {
+            self.distrust();
+        }
+    }
+
+    fn pushed(&self, keys: Option<&[&[u8]]>) {
+        self.metrics.invalidations.fetch_add(1, Ordering::Relaxed);
+        match keys {
+            None => self.invalidate_all(),
+            Some(keys) => {
+                for key in keys {
+                    Coherence::invalidate(self, key);
+                }
+                self.metrics
+                    .invalidated_keys
+                    .fetch_add(keys.len() as u64, Ordering::Relaxed);
+            }
+        }
+    }
+
+    fn data_link_lost(&self, index: usize) {
+        if self.tracking {
+            log::info!("redis connection {index} lost; cache emptied");
+            self.invalidate_all();
+        }
     }
 }
 

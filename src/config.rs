@@ -108,6 +108,10 @@ pub enum Invalidation {
     Off,
     /// Redis CLIENT TRACKING removes changed keys from the cache.
     Tracking,
+    /// CLIENT TRACKING over RESP3: invalidations come as pushes on the
+    /// data connections (no REDIRECT, no invalidation connection).
+    #[value(name = "tracking-resp3")]
+    TrackingResp3,
 }
 
 /// Whether the backing Redis is a Redis Cluster.
@@ -186,7 +190,8 @@ pub struct Config {
           value_parser = ranged::<u64>("PROXY_IDLE_TIMEOUT_MS", 1, MAX_TIMEOUT_MS))]
     pub idle_timeout_ms: u64,
 
-    /// Cache invalidation: off, or tracking (Redis CLIENT TRACKING).
+    /// Cache invalidation: off, tracking (Redis CLIENT TRACKING), or
+    /// tracking-resp3 (the same over RESP3 pushes).
     #[arg(
         long,
         env = "CACHE_INVALIDATION",
@@ -473,6 +478,15 @@ impl Config {
                 "PROXY_HOST (--host) must be an address to bind, e.g. 127.0.0.1".into(),
             ));
         }
+        if self.cache_invalidation == Invalidation::TrackingResp3
+            && self.redis_cluster == ClusterMode::On
+        {
+            return Err(ConfigError(
+                "CACHE_INVALIDATION=tracking-resp3 does not work with a Redis Cluster yet; \
+                 use CACHE_INVALIDATION=tracking"
+                    .into(),
+            ));
+        }
         Ok(())
     }
 
@@ -673,6 +687,26 @@ mod tests {
         assert_eq!(c.cache_invalidation, Invalidation::Off);
         let t = parse_redis_url(DEFAULT_REDIS_URL).unwrap();
         assert_eq!((t.host.as_str(), t.port, t.db), ("127.0.0.1", 6379, 0));
+    }
+
+    /// `tracking-resp3` parses (any case), and is refused with a cluster.
+    #[test]
+    fn tracking_resp3_parses_and_refuses_a_cluster() {
+        let c = parse(&["--cache-invalidation", "Tracking-RESP3"]).unwrap();
+        assert_eq!(c.cache_invalidation, Invalidation::TrackingResp3);
+        assert!(c.validate().is_ok());
+        let c = parse(&[
+            "--cache-invalidation",
+            "tracking-resp3",
+            "--redis-cluster",
+            "on",
+        ])
+        .unwrap();
+        let err = c.validate().unwrap_err().0;
+        assert!(
+            err.contains("tracking-resp3") && err.contains("Cluster"),
+            "{err}"
+        );
     }
 
     /// Flags parse into typed fields.

@@ -76,10 +76,17 @@ pub fn start(config: &Config) -> io::Result<Server> {
     cache.spawn_sweeper(sweep_every);
     // Freshness sits beside the core, not below it: the data links and the
     // invalidation listener report into it, the core reads it.
-    let tracked = config.cache_invalidation == Invalidation::Tracking;
-    let coherence = Arc::new(Coherence::new(cache, metrics.clone(), tracked));
+    let tracked = config.cache_invalidation != Invalidation::Off;
+    let pushes = config.cache_invalidation == Invalidation::TrackingResp3;
+    let coherence = Coherence::new(cache, metrics.clone(), tracked);
+    let coherence = Arc::new(if pushes {
+        coherence.with_pushes()
+    } else {
+        coherence
+    });
     let freshness = tracked.then(|| coherence.clone() as Arc<dyn Freshness>);
-    let mut tracking = freshness.clone().map(|freshness| {
+    // With RESP3 pushes there is no invalidation connection.
+    let mut tracking = freshness.clone().filter(|_| !pushes).map(|freshness| {
         Tracking::new(
             target.clone(),
             config.redis_timeout(),
@@ -125,9 +132,16 @@ pub fn start(config: &Config) -> io::Result<Server> {
         },
         seeds,
         config.redis_cluster,
-        Some(listeners),
+        (!pushes).then_some(listeners),
     );
     if backend.is_cluster() {
+        if pushes {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "CACHE_INVALIDATION=tracking-resp3 does not work with a Redis Cluster yet; \
+                 use CACHE_INVALIDATION=tracking",
+            ));
+        }
         tracking = None;
     }
     let proxy = Arc::new(Proxy::new(backend, metrics.clone(), coherence).with_stale(stale));

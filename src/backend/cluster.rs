@@ -591,6 +591,22 @@ impl Freshness for NodeFreshness {
     fn tracking_failed(&self, why: &str) {
         self.shared.tracking_failed(why);
     }
+
+    fn push_mode(&self) -> bool {
+        self.shared.push_mode()
+    }
+
+    fn redirect_refused(&self, why: &str) {
+        self.shared.redirect_refused(why);
+    }
+
+    fn pushed(&self, keys: Option<&[&[u8]]>) {
+        self.shared.pushed(keys);
+    }
+
+    fn data_link_lost(&self, index: usize) {
+        self.shared.data_link_lost(index);
+    }
 }
 
 /// The refresher thread: until the cluster is dropped, refreshes when asked

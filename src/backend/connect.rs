@@ -68,6 +68,33 @@ pub(crate) enum Stream<S: Socket> {
 /// The stream of a data link (a may socket, for the I/O coroutines).
 pub(crate) type DataStream = Stream<may::net::TcpStream>;
 
+impl DataStream {
+    /// Whether bytes (or the peer's close) wait on the socket, asked
+    /// without blocking and without a socket timeout. TLS plaintext that
+    /// rustls already decrypted is not seen; only socket bytes are.
+    pub(crate) fn has_input(&self) -> io::Result<bool> {
+        use std::os::fd::AsRawFd;
+        let mut byte = 0u8;
+        // SAFETY: a one-byte peek into a live local, on the socket's own fd.
+        let n = unsafe {
+            libc::recv(
+                self.socket().as_raw_fd(),
+                (&mut byte as *mut u8).cast(),
+                1,
+                libc::MSG_PEEK | libc::MSG_DONTWAIT,
+            )
+        };
+        if n >= 0 {
+            return Ok(true);
+        }
+        let e = io::Error::last_os_error();
+        match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted => Ok(false),
+            _ => Err(e),
+        }
+    }
+}
+
 impl<S: Socket> Stream<S> {
     fn socket(&self) -> &S {
         match self {

@@ -53,6 +53,10 @@ const MIN_BACKOFF: Duration = Duration::from_millis(25);
 const MAX_BACKOFF: Duration = Duration::from_millis(400);
 /// Stack for an I/O coroutine; the redis parser nests a few frames per value.
 const IO_STACK_BYTES: usize = 256 * 1024;
+/// In push mode, how long an idle link waits for a job before it looks
+/// for the pushes Redis sent meanwhile: about the longest a `>invalidate`
+/// waits unread on an idle link (the cache serves the old value that long).
+const IDLE_POLL: Duration = Duration::from_millis(2);
 /// Read buffer of a link; grows for a reply larger than this, and shrinks
 /// back once that reply is consumed.
 const READ_BUF_BYTES: usize = 16 * 1024;
@@ -170,6 +174,10 @@ pub struct Node {
     /// A second set speaking RESP3 (`HELLO 3`), started on first use, that
     /// serves RESP3 clients' pass-through so replies need no conversion.
     resp3: OnceLock<Vec<mpsc::Sender<Job>>>,
+    /// In push mode the main set speaks RESP3: RESP2 clients'
+    /// pass-through goes to this untracked RESP2 set, started on first use.
+    resp2: OnceLock<Vec<mpsc::Sender<Job>>>,
+    freshness: Option<Arc<dyn Freshness>>,
     /// What the RESP3 set is started with (boxed: a topology holds nodes
     /// by value, and this is most of one).
     set: Box<SetOptions>,
@@ -188,6 +196,8 @@ impl Node {
         Node {
             queues: set.start(2),
             resp3: OnceLock::new(),
+            resp2: OnceLock::new(),
+            freshness: options.freshness.clone(),
             timeout: options.timeout,
             set: Box::new(SetOptions {
                 // The RESP3 set fills no cache, so it needs no tracking.
@@ -209,6 +219,9 @@ impl Node {
     /// protocol; answers the reply frames after the first `skip`, as sent.
     pub(crate) fn relay(&self, hint: usize, cmd: &Pass<'_>) -> Result<Vec<u8>, BackendError> {
         let queues = match cmd.protocol {
+            Protocol::Resp2 if self.freshness.as_ref().is_some_and(|f| f.push_mode()) => {
+                self.resp2.get_or_init(|| self.set.start(2))
+            }
             Protocol::Resp2 => &self.queues,
             Protocol::Resp3 => self.resp3.get_or_init(|| self.set.start(3)),
         };
@@ -367,9 +380,20 @@ struct Link {
     /// Whether a batch has completed on it: a failure on a link that worked
     /// before may just mean Redis closed it while idle, worth one retry.
     used: bool,
-    /// The invalidation client id this link redirects its tracking to.
-    tracking: Option<i64>,
+    /// How this link tracks, once Redis said yes.
+    tracking: Option<Tracked>,
+    /// The RESP version it speaks (3 after `HELLO 3`).
+    protocol: u8,
     _open: OpenGuard,
+}
+
+/// How a link has `CLIENT TRACKING` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Tracked {
+    /// `REDIRECT <id>` to the invalidation connection.
+    Redirect(i64),
+    /// Without REDIRECT, on RESP3: invalidations come as pushes on it.
+    Pushes,
 }
 
 /// Counts a link in its node's open-connections gauge while it lives.
@@ -403,6 +427,10 @@ struct Reader {
     end: usize,
     read_timeout: Duration,
     slack: Duration,
+    /// In push mode: where `>` push frames go. They are applied where they
+    /// are read, so before any reply behind them is delivered, and never
+    /// taken for a reply.
+    pushes: Option<Arc<dyn Freshness>>,
 }
 
 impl Reader {
@@ -413,6 +441,7 @@ impl Reader {
             end: 0,
             read_timeout: timeout,
             slack: (timeout / 16).clamp(Duration::from_millis(1), Duration::from_millis(50)),
+            pushes: None,
         }
     }
 
@@ -472,15 +501,61 @@ impl Reader {
         Ok(())
     }
 
-    /// The next whole reply frame, reading as needed.
+    /// The next whole reply frame, reading as needed; in push mode, push
+    /// frames before it are applied and skipped.
     fn frame(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<(usize, usize)> {
         loop {
             if let Some(len) = frame_len(&self.buf[self.start..self.end])? {
                 let at = self.start;
                 self.start += len;
+                if self.buf[at] == b'>' {
+                    if let Some(freshness) = &self.pushes {
+                        apply_push(freshness.as_ref(), &self.buf[at..at + len])?;
+                        continue;
+                    }
+                }
                 return Ok((at, len));
             }
             self.fill(stream, deadline)?;
+        }
+    }
+
+    /// Applies the whole push frames at the front of the buffer; true when
+    /// nothing else is left (a push cut short waits for its rest).
+    fn drain_pushes(&mut self) -> io::Result<bool> {
+        let Some(freshness) = self.pushes.clone() else {
+            return Ok(self.start == self.end);
+        };
+        while self.start < self.end && self.buf[self.start] == b'>' {
+            let Some(len) = frame_len(&self.buf[self.start..self.end])? else {
+                return Ok(true);
+            };
+            let at = self.start;
+            self.start += len;
+            apply_push(freshness.as_ref(), &self.buf[at..at + len])?;
+        }
+        Ok(self.start == self.end)
+    }
+
+    /// On an idle link in push mode: when bytes wait on the socket, reads
+    /// them (by `deadline`, for the rest of a record cut short) and applies
+    /// their pushes. Anything but a push (or a lost link) is an error.
+    ///
+    /// The socket is asked first, without a read timeout: may's I/O timer
+    /// races a read that times out just as bytes arrive (a panic in its
+    /// epoll loop), which a 1 ms timed read on every idle tick provoked.
+    fn poll_pushes(&mut self, stream: &mut DataStream, deadline: Instant) -> io::Result<()> {
+        if !stream.has_input()? {
+            return Ok(());
+        }
+        self.fill(stream, deadline)?;
+        if self.drain_pushes()? {
+            Ok(())
+        } else {
+            Err(io::Error::new(
+                io::ErrorKind::InvalidData,
+                "unexpected bytes on an idle connection",
+            ))
         }
     }
 
@@ -512,10 +587,11 @@ impl Reader {
             .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))
     }
 
-    /// After a batch: true when nothing unasked-for was left in the buffer.
+    /// After a batch: true when nothing unasked-for was left in the buffer
+    /// (in push mode, pushes after the last reply are applied here).
     fn settle(&mut self) -> bool {
-        let clean = self.start == self.end;
-        if self.buf.len() > READ_BUF_BYTES && clean {
+        let clean = self.drain_pushes().unwrap_or(false);
+        if self.buf.len() > READ_BUF_BYTES && self.start == self.end {
             self.buf = vec![0; READ_BUF_BYTES];
             self.start = 0;
             self.end = 0;
@@ -544,6 +620,42 @@ fn is_timeout(e: &io::Error) -> bool {
         e.kind(),
         io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
     )
+}
+
+/// Applies one `>` push frame: `>invalidate` with its keys, or with a null
+/// (a flush). Other pushes are not the cache's business.
+fn apply_push(freshness: &dyn Freshness, frame: &[u8]) -> io::Result<()> {
+    let value = redis::parse_redis_value(frame)
+        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+    let Value::Push {
+        kind: redis::PushKind::Invalidate,
+        data,
+    } = value
+    else {
+        return Ok(());
+    };
+    match data.first() {
+        Some(Value::Array(keys)) => {
+            let keys: Vec<&[u8]> = keys
+                .iter()
+                .filter_map(|k| match k {
+                    Value::BulkString(k) => Some(k.as_slice()),
+                    _ => None,
+                })
+                .collect();
+            freshness.pushed(Some(&keys));
+        }
+        _ => freshness.pushed(None),
+    }
+    Ok(())
+}
+
+/// Whether an error reply to `CLIENT TRACKING ON REDIRECT <id>` means the
+/// server refuses REDIRECT itself (Redis Cloud, Redis Software), not that
+/// the listener's id went stale (`-ERR The client ID you want redirect to
+/// does not exist`, a race with a listener reconnect).
+pub(crate) fn refuses_redirect(error_line: &str) -> bool {
+    !error_line.contains("does not exist")
 }
 
 /// The length of the first whole RESP2/RESP3 frame in `buf`, `None` when
@@ -657,7 +769,23 @@ impl IoLoop {
 
     fn run(&mut self, rx: mpsc::Receiver<Job>) {
         let mut batch = Vec::with_capacity(MAX_BATCH);
-        while let Ok(first) = rx.recv() {
+        loop {
+            // An idle link that takes pushes is read every IDLE_POLL.
+            let first = if self.takes_pushes() {
+                match rx.recv_timeout(IDLE_POLL) {
+                    Ok(job) => job,
+                    Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                        self.poll_pushes();
+                        continue;
+                    }
+                    Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+                }
+            } else {
+                match rx.recv() {
+                    Ok(job) => job,
+                    Err(_) => return,
+                }
+            };
             batch.push(first);
             while batch.len() < MAX_BATCH {
                 match rx.try_recv() {
@@ -669,6 +797,39 @@ impl IoLoop {
             // Every job is answered by now; dropping them is a no-op.
             batch.clear();
         }
+    }
+
+    /// Whether the link is up and tracks in push mode.
+    fn takes_pushes(&self) -> bool {
+        self.link
+            .as_ref()
+            .is_some_and(|l| l.tracking == Some(Tracked::Pushes))
+    }
+
+    /// Reads and applies the pushes that arrived on the idle link.
+    fn poll_pushes(&mut self) {
+        let link = self.link.as_mut().expect("takes_pushes implies a link");
+        let deadline = Instant::now() + self.options.timeout;
+        if let Err(e) = link.reader.poll_pushes(&mut link.stream, deadline) {
+            self.drop_link(&format!("connection lost while idle: {e}"));
+        }
+    }
+
+    /// The freshness state when invalidations come as pushes (push mode).
+    fn push_freshness(&self) -> Option<&Arc<dyn Freshness>> {
+        self.options.freshness.as_ref().filter(|f| f.push_mode())
+    }
+
+    /// Takes the link away; a link that tracked in push mode reports its
+    /// loss (pushes meant for it may be lost with it).
+    fn take_link(&mut self) -> Option<Link> {
+        let link = self.link.take()?;
+        if link.tracking == Some(Tracked::Pushes) {
+            if let Some(freshness) = &self.options.freshness {
+                freshness.data_link_lost(self.index);
+            }
+        }
+        Some(link)
     }
 
     fn serve(&mut self, batch: &mut Vec<Job>) {
@@ -687,6 +848,10 @@ impl IoLoop {
             return;
         }
         self.follow_master();
+        if self.push_freshness().is_some() && self.link.as_ref().is_some_and(|l| l.protocol != 3) {
+            // Push mode began (REDIRECT refused): reopen speaking RESP3.
+            self.take_link();
+        }
         for attempt in 0..2 {
             if let Err(err) = self.ensure_link() {
                 self.fail_all(batch, err.clone());
@@ -700,7 +865,7 @@ impl IoLoop {
                         "redis connection {} went stale ({why}); retrying",
                         self.index
                     );
-                    self.link = None;
+                    self.take_link();
                 }
                 Err(RoundTrip::Retry(why)) => {
                     self.drop_link(&why);
@@ -719,13 +884,18 @@ impl IoLoop {
         self.write_buf.clear();
         let mut commands = 0;
         let preamble = self.tracking_preamble();
-        if let Some(id) = preamble {
-            redis::cmd("CLIENT")
+        match preamble {
+            Some(Tracked::Redirect(id)) => redis::cmd("CLIENT")
                 .arg("TRACKING")
                 .arg("ON")
                 .arg("REDIRECT")
                 .arg(id)
-                .write_packed_command(&mut self.write_buf);
+                .write_packed_command(&mut self.write_buf),
+            Some(Tracked::Pushes) => redis::cmd("CLIENT")
+                .arg("TRACKING")
+                .arg("ON")
+                .write_packed_command(&mut self.write_buf),
+            None => {}
         }
         for job in batch {
             job.cmd.write(&mut self.write_buf);
@@ -738,8 +908,8 @@ impl IoLoop {
         self.stats
             .requests
             .fetch_add(commands as u64, Ordering::Relaxed);
-        if let Some(id) = preamble {
-            self.read_preamble(id, batch)?;
+        if let Some(want) = preamble {
+            self.read_preamble(want, batch)?;
         }
         for (i, job) in batch.iter().enumerate() {
             let link = self.link.as_mut().expect("link ensured");
@@ -834,17 +1004,25 @@ impl IoLoop {
         Ok(())
     }
 
-    /// The invalidation client id to redirect tracking to, when this link
-    /// does not track into it yet.
-    fn tracking_preamble(&self) -> Option<i64> {
+    /// How this link should track, when it does not track so yet: pushes
+    /// in push mode (on a RESP3 link), else a redirect to the listener's id.
+    fn tracking_preamble(&self) -> Option<Tracked> {
         let freshness = self.options.freshness.as_ref()?;
-        let id = freshness.redirect()?;
         let link = self.link.as_ref()?;
-        (link.tracking != Some(id)).then_some(id)
+        let want = if freshness.push_mode() {
+            if link.protocol != 3 {
+                return None;
+            }
+            Tracked::Pushes
+        } else {
+            Tracked::Redirect(freshness.redirect()?)
+        };
+        (link.tracking != Some(want)).then_some(want)
     }
 
-    /// Reads the `CLIENT TRACKING` reply; on success the link tracks into `id`.
-    fn read_preamble(&mut self, id: i64, batch: &[Job]) -> Result<(), RoundTrip> {
+    /// Reads the `CLIENT TRACKING` reply; on success the link tracks as
+    /// `want`. A refused REDIRECT switches the process to push mode.
+    fn read_preamble(&mut self, want: Tracked, batch: &[Job]) -> Result<(), RoundTrip> {
         let freshness: Arc<dyn Freshness> = self
             .options
             .freshness
@@ -857,8 +1035,16 @@ impl IoLoop {
             .unwrap_or_else(Instant::now);
         let link = self.link.as_mut().expect("link ensured");
         match link.reader.value(&mut link.stream, deadline) {
-            Ok(Value::ServerError(err)) => freshness.tracking_failed(&server_error_line(&err)),
-            Ok(_) => link.tracking = Some(id),
+            Ok(Value::ServerError(err)) => {
+                let line = server_error_line(&err);
+                match want {
+                    Tracked::Redirect(_) if refuses_redirect(&line) => {
+                        freshness.redirect_refused(&line)
+                    }
+                    _ => freshness.tracking_failed(&line),
+                }
+            }
+            Ok(_) => link.tracking = Some(want),
             Err(e) if is_timeout(&e) => {
                 freshness.tracking_failed("reply timed out");
                 self.drop_link("reply timed out");
@@ -957,23 +1143,28 @@ impl IoLoop {
                 target
             }
         };
-        let (conn, _) = connect_speaking::<TcpStream>(&target, timeout, self.protocol, &[], 0)?;
+        let pushes = self.push_freshness().cloned();
+        let protocol = if pushes.is_some() { 3 } else { self.protocol };
+        let (conn, _) = connect_speaking::<TcpStream>(&target, timeout, protocol, &[], 0)?;
         // Set once per connection; `Reader` lowers the read timeout only
         // when a deadline needs it.
         conn.stream
             .set_timeouts(Some(timeout), Some(timeout))
             .map_err(|e| ConnectError::Unreachable(e.to_string()))?;
+        let mut reader = Reader::new(timeout);
+        reader.pushes = pushes;
         Ok(Link {
             stream: conn.stream,
-            reader: Reader::new(timeout),
+            reader,
             used: false,
             tracking: None,
+            protocol,
             _open: OpenGuard::new(&self.open),
         })
     }
 
     fn drop_link(&mut self, why: &str) {
-        if self.link.take().is_some() {
+        if self.take_link().is_some() {
             log::debug!("redis connection {} dropped: {why}", self.index);
             if let Some(master) = &self.options.master {
                 master.suspect("a lost connection");
@@ -984,13 +1175,13 @@ impl IoLoop {
     /// With Sentinel: a link to where the master was is dropped once it
     /// moved, and a pending reconnect goes at once to where it is now.
     fn follow_master(&mut self) {
-        let Some(master) = &self.options.master else {
+        let Some(generation) = self.options.master.as_ref().map(|m| m.generation()) else {
             return;
         };
-        if master.generation() == self.link_generation {
+        if generation == self.link_generation {
             return;
         }
-        if self.link.take().is_some() {
+        if self.take_link().is_some() {
             log::info!(
                 "redis connection {} follows the master to its new address",
                 self.index
@@ -999,7 +1190,7 @@ impl IoLoop {
         self.retry_at = None;
         self.backoff = MIN_BACKOFF;
         // Once per move: a connect that fails now backs off as usual.
-        self.link_generation = master.generation();
+        self.link_generation = generation;
     }
 
     /// Fails every job of `jobs` with `err`.
@@ -1090,5 +1281,179 @@ mod tests {
         assert_eq!(bulk_frame_len(b"$-1\r\n"), 0);
         assert_eq!(bulk_frame_len(b"+OK\r\n"), 0);
         assert!(frame_len(b"$x\r\n").is_err());
+    }
+
+    /// The keys a fake Redis is told to invalidate when asked for them.
+    struct Fake {
+        port: u16,
+        /// Every command the fake was sent, space-joined, per connection.
+        seen: Arc<Mutex<Vec<String>>>,
+    }
+
+    /// A fake Redis: `HELLO 3` answers a map, `CLIENT TRACKING ON` answers
+    /// `+OK` (with `REDIRECT`: `-ERR` when `refuse_redirect`), and `GET k`
+    /// answers, on RESP3, a `>invalidate [k]` push before the value `v1`.
+    fn fake(refuse_redirect: bool) -> Fake {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let log = seen.clone();
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let Ok(mut conn) = conn else { return };
+                let log = log.clone();
+                std::thread::spawn(move || {
+                    let (mut buf, mut resp3) = (Vec::new(), false);
+                    let mut chunk = [0u8; 4096];
+                    loop {
+                        while let Ok(Some(len)) = frame_len(&buf) {
+                            let frame: Vec<u8> = buf.drain(..len).collect();
+                            let Ok(Value::Array(args)) = redis::parse_redis_value(&frame) else {
+                                return;
+                            };
+                            let words: Vec<String> = args
+                                .iter()
+                                .map(|a| match a {
+                                    Value::BulkString(b) => String::from_utf8_lossy(b).into(),
+                                    _ => String::new(),
+                                })
+                                .collect();
+                            let line = words.join(" ").to_uppercase();
+                            log.lock().unwrap().push(line.clone());
+                            let reply: &[u8] = if line.starts_with("HELLO 3") {
+                                resp3 = true;
+                                b"%1\r\n+proto\r\n:3\r\n"
+                            } else if line.contains("REDIRECT") && refuse_redirect {
+                                b"-ERR CLIENT TRACKING REDIRECT is not supported\r\n"
+                            } else if line.starts_with("CLIENT TRACKING") {
+                                b"+OK\r\n"
+                            } else if line.starts_with("GET") && resp3 {
+                                b">2\r\n$10\r\ninvalidate\r\n*1\r\n$1\r\nk\r\n$2\r\nv1\r\n"
+                            } else if line.starts_with("GET") {
+                                b"$2\r\nv1\r\n"
+                            } else {
+                                b"+PONG\r\n"
+                            };
+                            if conn.write_all(reply).is_err() {
+                                return;
+                            }
+                        }
+                        match conn.read(&mut chunk) {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                        }
+                    }
+                });
+            }
+        });
+        Fake { port, seen }
+    }
+
+    type State = crate::coherence::Coherence<u32>;
+
+    fn coherence(pushes: bool) -> Arc<State> {
+        let cache = Arc::new(crate::cache::Cache::new(
+            16,
+            Duration::from_secs(60),
+            Arc::new(crate::cache::SystemClock::default()),
+        ));
+        let c = State::new(cache, Arc::default(), true);
+        Arc::new(if pushes { c.with_pushes() } else { c })
+    }
+
+    fn node(port: u16, freshness: Arc<State>) -> Node {
+        let options = BackendOptions {
+            target: crate::config::RedisTarget {
+                host: "127.0.0.1".into(),
+                port,
+                db: 0,
+                username: None,
+                password: None,
+                tls: None,
+            },
+            connections: 1,
+            timeout: Duration::from_secs(2),
+            freshness: Some(freshness),
+            master: None,
+        };
+        Node::start(&options, Arc::default())
+    }
+
+    fn lead(c: &Arc<State>) -> crate::coherence::Lead<u32> {
+        match c.join(b"k", c.generation()) {
+            crate::coherence::Join::Leader(lead) => lead,
+            crate::coherence::Join::Follower(_) => panic!("expected to lead"),
+        }
+    }
+
+    /// A `>invalidate` push read ahead of a GET's reply on the same link is
+    /// applied before the reply is delivered: the fill it concerns is
+    /// dropped, and the push is not taken for the reply.
+    #[test]
+    fn push_before_the_reply_drops_the_fill() {
+        let fake = fake(false);
+        let c = coherence(true);
+        let node = node(fake.port, c.clone());
+        // The first batch turns tracking on; the second one is tracked.
+        for _ in 0..2 {
+            let lead = lead(&c);
+            let got = node.get(0, b"k").unwrap().unwrap().unwrap();
+            assert_eq!(got, b"v1");
+            lead.fill(&got);
+            assert!(c.cache().get(b"k").is_none(), "invalidated in flight");
+        }
+        let seen = fake.seen.lock().unwrap().clone();
+        assert!(seen.iter().any(|l| l == "CLIENT TRACKING ON"), "{seen:?}");
+        assert!(seen[0].starts_with("HELLO 3"), "{seen:?}");
+    }
+
+    /// A server that refuses `CLIENT TRACKING ... REDIRECT` switches the
+    /// process to push mode: the link reopens on RESP3 and tracks without
+    /// REDIRECT, and pushes on it invalidate.
+    #[test]
+    fn refused_redirect_falls_back_to_pushes() {
+        use crate::coherence::Freshness;
+        let fake = fake(true);
+        let c = coherence(false);
+        c.listener_up(7);
+        let node = node(fake.port, c.clone());
+        assert_eq!(node.get(0, b"k").unwrap().unwrap().unwrap(), b"v1");
+        assert!(c.push_mode(), "the refusal switched to push mode");
+        let lead = lead(&c);
+        assert_eq!(node.get(0, b"k").unwrap().unwrap().unwrap(), b"v1");
+        lead.fill(b"v1");
+        assert!(c.cache().get(b"k").is_none(), "the push invalidated");
+        let seen = fake.seen.lock().unwrap().clone();
+        assert!(
+            seen.contains(&"CLIENT TRACKING ON REDIRECT 7".to_string()),
+            "{seen:?}"
+        );
+        assert!(seen.iter().any(|l| l.starts_with("HELLO 3")), "{seen:?}");
+        assert!(seen.iter().any(|l| l == "CLIENT TRACKING ON"), "{seen:?}");
+    }
+
+    /// Only the stale-id error keeps REDIRECT; any other refusal falls back.
+    #[test]
+    fn refusal_is_any_error_but_a_stale_id() {
+        assert!(!refuses_redirect(
+            "ERR The client ID you want redirect to does not exist"
+        ));
+        assert!(refuses_redirect("ERR unknown subcommand 'TRACKING'"));
+        assert!(refuses_redirect("ERR REDIRECT is not supported"));
+    }
+
+    /// A flush push (null key list) empties the cache, and an idle link
+    /// reads pushes without any request.
+    #[test]
+    fn flush_push_on_an_idle_link_empties_the_cache() {
+        let c = coherence(true);
+        c.cache().insert(b"x", b"1");
+        let mut reader = Reader::new(Duration::from_secs(1));
+        reader.pushes = Some(c.clone());
+        let frame = b">2\r\n$10\r\ninvalidate\r\n_\r\n";
+        reader.buf[..frame.len()].copy_from_slice(frame);
+        reader.end = frame.len();
+        assert!(reader.drain_pushes().unwrap());
+        assert!(c.cache().get(b"x").is_none());
     }
 }
