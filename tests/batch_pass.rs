@@ -238,3 +238,50 @@ fn errors_and_refusals_answer_only_their_command() {
     assert_eq!(got, want);
     assert_eq!(wire.call(&["GET", "s"]), b"$1\r\nv\r\n");
 }
+
+/// In a Redis Cluster: a pipeline of reads over keys of every master, a
+/// run of one hash tag, a write and reads of it, and a keyless command in
+/// the middle: each answered right, in its place.
+#[test]
+fn cluster_pipeline_answers_every_slot_in_order() {
+    let cluster = common::cluster::Cluster::start(3, 0);
+    let keys: Vec<String> = (0..30).map(|i| format!("k{i}")).collect();
+    for k in &keys {
+        cluster.set(k, format!("v-{k}"));
+    }
+    for i in 0..5 {
+        cluster.set(format!("{{t}}:{i}"), "t");
+    }
+    let proxy = Proxy::builder()
+        .redis_url(cluster.urls())
+        .resp()
+        .env("PROXY_ALLOW_WRITES", "1")
+        .start();
+    let mut wire = Wire::connect(proxy.resp_port().unwrap());
+    let mut commands: Vec<Vec<String>> = Vec::new();
+    let mut want: Vec<Vec<u8>> = Vec::new();
+    for k in &keys {
+        commands.push(cmd(&["STRLEN", k]));
+        want.push(format!(":{}\r\n", k.len() + 2).into_bytes());
+    }
+    commands.push(cmd(&["DBSIZE"]));
+    want.push(
+        b"-ERR this command takes no key, so redis-proxy cannot route it in a Redis \
+          Cluster; send it to a node directly\r\n"
+            .to_vec(),
+    );
+    for i in 0..5 {
+        commands.push(cmd(&["EXISTS", &format!("{{t}}:{i}")]));
+        want.push(b":1\r\n".to_vec());
+    }
+    commands.push(cmd(&["SET", "{t}:0", "new"]));
+    want.push(b"+OK\r\n".to_vec());
+    commands.push(cmd(&["STRLEN", "{t}:0"]));
+    want.push(b":3\r\n".to_vec());
+    commands.push(cmd(&["GETRANGE", "{t}:0", "0", "-1"]));
+    want.push(b"$3\r\nnew\r\n".to_vec());
+    let got = pipeline(&mut wire, &commands);
+    for (i, (got, want)) in got.iter().zip(&want).enumerate() {
+        assert_eq!(show(got), show(want), "reply {i}: {:?}", commands[i]);
+    }
+}
