@@ -458,6 +458,28 @@ impl<B: Redis + 'static> Proxy<B> {
         result
     }
 
+    /// Relays a pipelined run of pass-through commands (`cmd.replies` of
+    /// them, packed back to back) as one job, then drops what its writes
+    /// wrote, as [`Proxy::write`] does, before any reply goes back; answers
+    /// their replies back to back, as Redis sent them (split them with the
+    /// backend's `reply_frames`). In a cluster the run must share a slot.
+    pub fn pass_run(
+        &self,
+        cmd: &Pass<'_>,
+        written: Written<'_>,
+        hint: usize,
+    ) -> Result<Vec<u8>, BackendError> {
+        self.metrics.passthrough.add(cmd.replies as u64);
+        let result = self.backend.pass(cmd, hint);
+        self.forget(written);
+        result
+    }
+
+    /// True when Redis is a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.backend.is_cluster()
+    }
+
     /// Runs `count` packed commands as one `MULTI` ... `EXEC` block on one
     /// connection (Redis runs it atomically) and answers EXEC's reply as
     /// it came; what the commands write is dropped as for [`Proxy::write`].

@@ -10,7 +10,9 @@
 //! client admission and idle reaping go through `clients`, shared with HTTP.
 //! The connection loop parses every complete command it has read before
 //! answering any, so a pipelined run of GETs and MGETs reads its keys in one
-//! batch ([`prefetch`]): its misses cost one Redis round trip, not one each.
+//! batch ([`prefetch`]): its misses cost one Redis round trip, not one each;
+//! and a run of pass-through commands goes to Redis as one relay job
+//! (`ahead`), one round trip for the run.
 
 use std::collections::VecDeque;
 use std::io::{self, Read, Write};
@@ -29,6 +31,7 @@ use crate::listener;
 use crate::metrics::{Frontend, Metrics, Status, Tally};
 use crate::proxy::{Lookup, Proxy};
 
+mod ahead;
 mod commands;
 mod parse;
 
@@ -207,6 +210,8 @@ struct Session {
     packed: Vec<u8>,
     /// Answers fetched ahead for the GETs and MGETs of a pipelined run.
     prefetched: Prefetched,
+    /// Replies relayed ahead for a pipelined run of pass-through commands.
+    relayed: ahead::Relayed,
 }
 
 impl Session {
@@ -381,8 +386,14 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
                     break;
                 }
                 let in_flight = permit.begin(batch_start);
-                if session.prefetched.is_empty() && session.may_prefetch() {
-                    prefetch(&rbuf, &spans, &commands[i..], shared, fd, &mut session);
+                if session.may_prefetch() {
+                    let run = &commands[i..];
+                    if session.prefetched.is_empty() {
+                        prefetch(&rbuf, &spans, run, shared, fd, &mut session);
+                    }
+                    if session.relayed.is_empty() {
+                        ahead::relay_ahead(&rbuf, &spans, run, shared, fd, &mut session);
+                    }
                 }
                 let command = (&rbuf[..filled], &spans[command.clone()]);
                 next = execute(
@@ -403,6 +414,7 @@ fn serve(stream: &mut TcpStream, permit: Permit, shared: &RespShared, fd: usize)
             }
             // Answers of commands that did not run (after a QUIT) go.
             session.prefetched.clear();
+            session.relayed.clear();
             if let Some(msg) = failed {
                 if next == Next::Continue {
                     Out(&mut wbuf, session.protocol).error(&format!("ERR Protocol error: {msg}"));

@@ -212,6 +212,11 @@ pub trait Redis: Send + Sync {
     fn commands(&self) -> Option<Arc<CommandTable>> {
         None
     }
+    /// True for a Redis Cluster: commands of one [`Redis::pass`] must then
+    /// share a slot (their first key's), and may come back redirected.
+    fn is_cluster(&self) -> bool {
+        false
+    }
 }
 
 impl<T: Redis + ?Sized> Redis for Arc<T> {
@@ -244,6 +249,9 @@ impl<T: Redis + ?Sized> Redis for Arc<T> {
     }
     fn commands(&self) -> Option<Arc<CommandTable>> {
         (**self).commands()
+    }
+    fn is_cluster(&self) -> bool {
+        (**self).is_cluster()
     }
 }
 
@@ -531,14 +539,27 @@ impl Redis for Backend {
                 |result| result.as_ref().ok().and_then(|r| Redirect::of_raw(r)),
             )?,
         };
-        if reply.first() == Some(&b'-') {
-            self.stats.errors_reply.fetch_add(1, Ordering::Relaxed);
+        let errors = match cmd.replies - cmd.skip {
+            1 => usize::from(reply.first() == Some(&b'-')),
+            // A pipelined run: each of its replies counts.
+            _ => reply_frames(&reply).map_or(0, |frames| {
+                frames.iter().filter(|f| reply[f.start] == b'-').count()
+            }),
+        };
+        if errors > 0 {
+            self.stats
+                .errors_reply
+                .fetch_add(errors as u64, Ordering::Relaxed);
         }
         Ok(reply)
     }
 
     fn commands(&self) -> Option<Arc<CommandTable>> {
         self.commands.table(&self.stats)
+    }
+
+    fn is_cluster(&self) -> bool {
+        Backend::is_cluster(self)
     }
 }
 
@@ -552,6 +573,20 @@ fn learn_from(options: &BackendOptions) -> commands::Targets {
             Box::new(move || master.target(&base).map(|(t, _)| t).into_iter().collect())
         }
     }
+}
+
+/// Where each whole reply frame of `replies` (the bytes of several
+/// replies back to back, as [`Redis::pass`] answers them) lies, in order;
+/// `None` when the bytes are not whole frames.
+pub(crate) fn reply_frames(replies: &[u8]) -> Option<Vec<std::ops::Range<usize>>> {
+    let mut frames = Vec::new();
+    let mut at = 0;
+    while at < replies.len() {
+        let len = node::frame_len(&replies[at..]).ok()??;
+        frames.push(at..at + len);
+        at += len;
+    }
+    Some(frames)
 }
 
 /// `ASKING` followed by `cmds`.
@@ -586,6 +621,19 @@ pub(crate) fn server_error_line(err: &redis::ServerError) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Replies back to back split at their frame boundaries, nested and
+    /// RESP3 ones included; a cut frame is no split.
+    #[test]
+    fn reply_frames_split_whole_replies() {
+        let replies = b":1\r\n*2\r\n$1\r\na\r\n$-1\r\n-ERR x\r\n%1\r\n+k\r\n_\r\n";
+        assert_eq!(
+            reply_frames(replies),
+            Some(vec![0..4, 4..20, 20..28, 28..39])
+        );
+        assert_eq!(reply_frames(b""), Some(vec![]));
+        assert_eq!(reply_frames(b":1\r\n$5\r\nab"), None);
+    }
 
     /// GET replies map to value, absence, or Redis's own error line.
     #[test]

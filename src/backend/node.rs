@@ -660,7 +660,7 @@ pub(crate) fn refuses_redirect(error_line: &str) -> bool {
 
 /// The length of the first whole RESP2/RESP3 frame in `buf`, `None` when
 /// more bytes are needed. Iterative, so nesting cannot exhaust the stack.
-fn frame_len(buf: &[u8]) -> io::Result<Option<usize>> {
+pub(super) fn frame_len(buf: &[u8]) -> io::Result<Option<usize>> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "malformed reply from redis");
     let mut pos = 0;
     let mut pending: u64 = 1;

@@ -17,6 +17,7 @@
 use std::borrow::Cow;
 use std::ops::Range;
 
+use super::ahead::Ahead;
 use super::{backend_error_line, hello_reply, info_text, Next, Out, RespShared, Session};
 use crate::backend::commands::{Flags, Found, Spec};
 use crate::backend::{BackendError, CommandTable, Pass, Protocol};
@@ -224,11 +225,11 @@ fn policy(spec: &Spec, allow_writes: bool) -> Policy {
 }
 
 /// A command bound for Redis: its route and, for a write, what it writes.
-struct Relay<'a> {
-    route: Option<&'a [u8]>,
-    write: Option<Vec<&'a [u8]>>,
+pub(super) struct Relay<'a> {
+    pub route: Option<&'a [u8]>,
+    pub write: Option<Vec<&'a [u8]>>,
     /// `FLUSHDB`, `FLUSHALL`, `SWAPDB`: the whole cache goes.
-    flush: bool,
+    pub flush: bool,
 }
 
 /// Arguments enough to judge a command (and to quote it as Redis does in
@@ -297,13 +298,31 @@ fn classify<'a>(shared: &RespShared, name: &str, argv: &[&'a [u8]]) -> Result<Re
     })
 }
 
+/// How the command `argv` (name first) would be relayed, if it is one the
+/// proxy passes through (not one it serves itself, nor one refused or
+/// unknown): what the relay-ahead stage batches.
+pub(super) fn passable<'a>(shared: &RespShared, argv: &[&'a [u8]]) -> Option<Relay<'a>> {
+    if served_here(argv[0]) {
+        return None;
+    }
+    let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
+    classify(shared, &name, argv).ok()
+}
+
+/// True for a command the proxy serves itself (by any case of its name).
+pub(super) fn served_here(name: &[u8]) -> bool {
+    COMMANDS
+        .iter()
+        .any(|c| name.eq_ignore_ascii_case(c.name.as_bytes()))
+}
+
 /// Packs `argv` as a RESP multibulk into `buf` (cleared first).
 fn pack(buf: &mut Vec<u8>, argv: &[&[u8]]) {
     buf.clear();
     append_packed(buf, argv);
 }
 
-fn append_packed(buf: &mut Vec<u8>, argv: &[&[u8]]) {
+pub(super) fn append_packed(buf: &mut Vec<u8>, argv: &[&[u8]]) {
     buf.extend_from_slice(format!("*{}\r\n", argv.len()).as_bytes());
     for arg in argv {
         buf.extend_from_slice(format!("${}\r\n", arg.len()).as_bytes());
@@ -313,7 +332,7 @@ fn append_packed(buf: &mut Vec<u8>, argv: &[&[u8]]) {
 }
 
 /// How a reply Redis sent counts in `requests_total`.
-fn relayed(reply: &[u8]) -> Done {
+pub(super) fn relayed(reply: &[u8]) -> Done {
     match reply {
         [b'-', ..] => Done::Error,
         [b'_', ..] | [b'$', b'-', ..] | [b'*', b'-', ..] => Done::Nil,
@@ -369,31 +388,9 @@ pub(super) fn execute<'b>(
         session,
     };
     let in_multi = call.session.multi.is_some();
-    let outcome = match lookup(name) {
-        _ if in_multi => {
-            argv.clear();
-            argv.extend(args.iter().map(|r| &buf[r.clone()]));
-            let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
-            in_transaction(&mut call, &name, argv)
-        }
-        Some(cmd) if arity_ok(cmd.arity, args.len()) => {
-            argv.clear();
-            argv.extend(args[1..].iter().map(|r| &buf[r.clone()]));
-            (cmd.run)(&mut call, argv)
-        }
-        Some(cmd) => Err(wrong_arity(cmd.name)),
-        None => {
-            argv.clear();
-            argv.extend(args.iter().take(HEAD_ARGS).map(|r| &buf[r.clone()]));
-            let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
-            match judge(shared, &name, argv, args.len()) {
-                Ok(()) => {
-                    argv.extend(args.iter().skip(HEAD_ARGS).map(|r| &buf[r.clone()]));
-                    relay(&mut call, &name, argv)
-                }
-                Err(e) => Err(e),
-            }
-        }
+    let outcome = match answered_ahead(&mut call, raw_name) {
+        Some(outcome) => outcome,
+        None => dispatch(&mut call, (buf, args), argv, name, in_multi),
     };
     let (status, next) = match outcome {
         Ok(Done::Ok) => (Status::Ok, Next::Continue),
@@ -407,6 +404,58 @@ pub(super) fn execute<'b>(
     };
     tally.add(status);
     next
+}
+
+/// The answer the relay-ahead stage got for the command named by `name`
+/// (its bytes in the read buffer), if it got one: the reply goes out as
+/// Redis sent it, a failed run fails the command, and a redirected reply
+/// (cluster) leaves the command to the one-at-a-time path.
+fn answered_ahead(call: &mut Call<'_>, name: &[u8]) -> Option<Outcome> {
+    match call.session.relayed.take(name)? {
+        Ahead::Reply(reply) => {
+            call.out.raw(reply);
+            Some(Ok(relayed(reply)))
+        }
+        Ahead::Failed(e) => Some(Err(Refused::from(backend_error_line(&e)))),
+        Ahead::Resend => None,
+    }
+}
+
+/// Runs one command the relay-ahead stage did not answer.
+fn dispatch<'b>(
+    call: &mut Call<'_>,
+    (buf, args): (&'b [u8], &[Range<usize>]),
+    argv: &mut Vec<&'b [u8]>,
+    name: &str,
+    in_multi: bool,
+) -> Outcome {
+    let shared = call.shared;
+    match lookup(name) {
+        _ if in_multi => {
+            argv.clear();
+            argv.extend(args.iter().map(|r| &buf[r.clone()]));
+            let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
+            in_transaction(call, &name, argv)
+        }
+        Some(cmd) if arity_ok(cmd.arity, args.len()) => {
+            argv.clear();
+            argv.extend(args[1..].iter().map(|r| &buf[r.clone()]));
+            (cmd.run)(call, argv)
+        }
+        Some(cmd) => Err(wrong_arity(cmd.name)),
+        None => {
+            argv.clear();
+            argv.extend(args.iter().take(HEAD_ARGS).map(|r| &buf[r.clone()]));
+            let name = String::from_utf8_lossy(argv[0]).to_ascii_lowercase();
+            match judge(shared, &name, argv, args.len()) {
+                Ok(()) => {
+                    argv.extend(args.iter().skip(HEAD_ARGS).map(|r| &buf[r.clone()]));
+                    relay(call, &name, argv)
+                }
+                Err(e) => Err(e),
+            }
+        }
+    }
 }
 
 /// A command the proxy does not serve itself: judged, then relayed to
