@@ -13,7 +13,7 @@
 //! - [`proxy`]: the read-through core both front ends call (`get`, `get_many`, `set`, `del`, `pass`, `write`, `transaction`, `commands`, `ready`, `snapshot`): lookup, single-flight miss, insert, pass-through, writes (which drop what they wrote).
 //! - [`coherence`]: the freshness state machine (flights, epoch, generation, tracking up/down) the core reads and the layers below report into.
 //! - [`http`]: the HTTP front end: its own connection loop on may coroutines (`http/conn.rs`), head parsing with httparse (`http/parse.rs`); maps results and errors to statuses.
-//! - [`resp`]: the Redis-protocol front end (RESP2, RESP3 after `HELLO 3`): incremental parser (`resp/parse.rs`), the served commands, the pass-through policy and MULTI queueing (`resp/commands.rs`), the connection loop and reply encoding.
+//! - [`resp`]: the Redis-protocol front end (RESP2, RESP3 after `HELLO 3`): incremental parser (`resp/parse.rs`), the served commands, the pass-through policy and MULTI queueing (`resp/commands.rs`), pipelined pass-through runs relayed as one job (`resp/ahead.rs`), the connection loop and reply encoding.
 //! - [`listener`]: the accept loop both front ends share (backs off when accepts fail), the open-file limit.
 //! - [`clients`]: the connected-client limit, idle reaping, the bound on all clients' buffers (eviction).
 //! - [`tracking`]: the opt-in invalidation listener: Redis CLIENT TRACKING messages become [`coherence`] events.

@@ -72,8 +72,12 @@ impl Relayed {
         self.answers.is_empty()
     }
 
+    /// Drops the answers and frees the replies: each run brings its own
+    /// buffer, and a large reply kept here would outlive its command
+    /// unseen by the buffer bound.
     pub(super) fn clear(&mut self) {
         self.answers.clear();
+        self.replies = Vec::new();
     }
 
     /// The answer for the command named by `name` (the bytes of its name
