@@ -137,7 +137,7 @@ pub enum ClusterMode {
 )]
 pub struct Config {
     /// Backing Redis, redis://[user:pass@]host:port/db, rediss:// for TLS; for a cluster, several seed URLs separated by commas [default: redis://127.0.0.1:6379/0]
-    #[arg(long, env = "REDIS_URL", value_name = "URL")]
+    #[arg(long, env = "REDIS_URL", value_name = "URL", hide_env_values = true)]
     pub redis_url: Option<String>,
 
     /// Address both listeners bind.
